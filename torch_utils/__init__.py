@@ -1,0 +1,1 @@
+"""Utilities shared by training and sampling: persistence, distribution, statistics."""

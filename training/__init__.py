@@ -1,0 +1,1 @@
+"""Library code: networks, preconditioning, losses, datasets, samplers and exposure-bias methods."""

@@ -1,0 +1,113 @@
+"""Image generation as an iterator of batches; generate.py only parses flags and saves what it yields.
+
+Seeds are split over ranks and batches exactly as NVIDIA EDM's generate.py does, and every random
+number of an image comes from its own seed's generator, so an image depends only on its seed.
+"""
+
+import os
+import re
+
+import numpy as np
+import PIL.Image
+import torch
+
+import dnnlib
+from training import sampler as sampler_lib
+
+#----------------------------------------------------------------------------
+# Seed lists such as '0-63,100'.
+
+def parse_seeds(spec):
+    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10]; ValueError with a readable reason otherwise."""
+    if isinstance(spec, (list, tuple)):
+        return list(spec)
+    seeds = []
+    for part in str(spec).split(','):
+        part = part.strip()
+        m = re.fullmatch(r'(\d+)-(\d+)', part)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise ValueError(f'range "{part}" is empty: the end must not be smaller than the start')
+            seeds.extend(range(lo, hi + 1))
+        elif re.fullmatch(r'\d+', part):
+            seeds.append(int(part))
+        else:
+            raise ValueError(f'"{part}" is not a seed or a range like 0-63')
+    return seeds
+
+def rank_batches(seeds, max_batch_size, rank=0, world_size=1):
+    """This rank's share of `seeds`, as a list of int64 tensors of at most max_batch_size seeds."""
+    if len(seeds) == 0:
+        return []
+    num_batches = ((len(seeds) - 1) // (max_batch_size * world_size) + 1) * world_size
+    all_batches = torch.as_tensor(seeds).tensor_split(num_batches)
+    return [batch for batch in all_batches[rank::world_size] if len(batch) > 0]
+
+#----------------------------------------------------------------------------
+# Output file names.
+
+def image_path(outdir, seed, subdirs=False):
+    folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
+    return os.path.join(folder, f'{seed:06d}.png')
+
+def save_image(path, image):
+    """Write one HWC uint8 image as PNG atomically."""
+    mode = 'L' if image.shape[2] == 1 else 'RGB'
+    with dnnlib.util.atomic_write(path) as f:
+        PIL.Image.fromarray(image[:, :, 0] if mode == 'L' else image, mode).save(f, format='PNG')
+
+def save_image_grid(path, images, grid_width=None):
+    """Tile N HWC uint8 images into one PNG, grid_width images per row (default: square-ish)."""
+    images = np.asarray(images)
+    n, h, w, c = images.shape
+    gw = grid_width if grid_width is not None else int(np.ceil(np.sqrt(n)))
+    gh = int(np.ceil(n / gw))
+    canvas = np.zeros([gh * h, gw * w, c], dtype=np.uint8)
+    for k in range(n):
+        y, x = divmod(k, gw)
+        canvas[y * h:(y + 1) * h, x * w:(x + 1) * w] = images[k]
+    save_image(path, canvas)
+
+#----------------------------------------------------------------------------
+
+def to_uint8(images):
+    """[-1, 1] float NCHW -> uint8 NHWC numpy, rounded as EDM does."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+def class_labels_for_seeds(net, rnd, batch_size, class_idx=None, device=None):
+    """One-hot labels: drawn from each seed's generator, or all `class_idx`; None if unconditional."""
+    if not net.label_dim:
+        return None
+    labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[batch_size], device=device)]
+    if class_idx is not None:
+        labels[:, :] = 0
+        labels[:, class_idx] = 1
+    return labels
+
+def uses_ablation_sampler(sampler_kwargs):
+    """EDM's rule: any of --solver/--disc/--schedule/--scaling selects the generalized sampler."""
+    return any(sampler_kwargs.get(k) is not None for k in ('solver', 'discretization', 'schedule', 'scaling'))
+
+def generate_images(net, seeds, max_batch_size=64, class_idx=None, device=torch.device('cpu'), sampler_kwargs={},
+    make_denoiser=None, rank=0, world_size=1):
+    """Yield EasyDict(seeds, images, labels) per batch of this rank: uint8 NHWC numpy images.
+
+    sampler_kwargs -- arguments of edm_sampler / ablation_sampler; None values mean default.
+    make_denoiser  -- optional (net, class_labels) -> denoiser, e.g. with epsilon scaling or
+                      guidance around the network; default: the network itself.
+    """
+    sampler_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    sampler_fn = sampler_lib.ablation_sampler if uses_ablation_sampler(sampler_kwargs) else sampler_lib.edm_sampler
+    for batch_seeds in rank_batches(seeds, max_batch_size, rank, world_size):
+        batch_size = len(batch_seeds)
+        rnd = sampler_lib.StackedRandomGenerator(device, batch_seeds)
+        latents = rnd.randn([batch_size, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        class_labels = class_labels_for_seeds(net, rnd, batch_size, class_idx, device)
+        denoise = make_denoiser(net, class_labels) if make_denoiser is not None else None
+        with torch.no_grad():
+            images = sampler_fn(net, latents, class_labels, randn_like=rnd.randn_like, denoise=denoise, **sampler_kwargs)
+        labels = class_labels.argmax(dim=1).cpu().numpy() if class_labels is not None else None
+        yield dnnlib.EasyDict(seeds=[int(s) for s in batch_seeds], images=to_uint8(images), labels=labels)
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,240 @@
+"""The sampler: one loop over noise levels that every method of this codebase plugs into.
+
+The loop integrates the probability-flow ODE of EDM (Karras et al. 2022, eq. 4, Algorithm 1/2)
+with Euler or Heun steps and optional stochastic churn. It sees the model only through a
+denoiser `denoise(x, sigma, step) -> D(x; sigma)` (float64), so that
+
+- epsilon scaling, discriminator guidance and the optimal denoiser are denoisers that wrap or
+  replace the network one (training/epsilon_scaling.py, training/discriminator_guidance.py,
+  training/optimal_denoiser.py);
+- the ODE (sigma(t), s(t)) and the time steps are plain values you can print and test.
+
+With the defaults, `edm_sampler` and `ablation_sampler` perform exactly the floating-point
+operations of NVIDIA EDM's generate.py, so the same pickle and seeds give the same uint8 images.
+"""
+
+import numpy as np
+import torch
+
+#----------------------------------------------------------------------------
+# Noise level discretizations. Each returns the float64 noise levels
+# sigma_0 > ... > sigma_{N-1} (the final sigma_N = 0 is appended later).
+
+def edm_sigma_steps(num_steps, sigma_min=0.002, sigma_max=80, rho=7, device=None):
+    """EDM eq. 5: uniform steps in sigma^(1/rho)."""
+    i = torch.arange(num_steps, dtype=torch.float64, device=device)
+    return (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+def vp_sigma(beta_d, beta_min):
+    return lambda t: (np.e ** (0.5 * beta_d * (t ** 2) + beta_min * t) - 1) ** 0.5
+
+def vp_sigma_deriv(beta_d, beta_min):
+    sigma = vp_sigma(beta_d, beta_min)
+    return lambda t: 0.5 * (beta_min + beta_d * t) * (sigma(t) + 1 / sigma(t))
+
+def vp_sigma_inv(beta_d, beta_min):
+    return lambda sigma: ((beta_min ** 2 + 2 * beta_d * (sigma ** 2 + 1).log()).sqrt() - beta_min) / beta_d
+
+def iddpm_sigmas(M=1000, C_1=0.001, C_2=0.008, device=None):
+    """The M+1 noise levels u_0 > ... > u_M = 0 of the iDDPM cosine schedule (EDM Appendix C.3.4)."""
+    u = torch.zeros(M + 1, dtype=torch.float64, device=device)
+    alpha_bar = lambda j: (0.5 * np.pi * j / M / (C_2 + 1)).sin() ** 2
+    for j in torch.arange(M, 0, -1, device=device):
+        u[j - 1] = ((u[j] ** 2 + 1) / (alpha_bar(j - 1) / alpha_bar(j)).clip(min=C_1) - 1).sqrt()
+    return u
+
+# Defaults of the ablation sampler when --sigma_min/--sigma_max are not given (EDM Table 1).
+VP_EPSILON_S = 1e-3
+ABLATION_SIGMA_MIN = {'vp': float(vp_sigma(19.9, 0.1)(VP_EPSILON_S)), 've': 0.02, 'iddpm': 0.002, 'edm': 0.002}
+ABLATION_SIGMA_MAX = {'vp': float(vp_sigma(19.9, 0.1)(1)), 've': 100, 'iddpm': 81, 'edm': 80}
+
+#----------------------------------------------------------------------------
+# The ODE being solved: x(t) = s(t) * (y + sigma(t) n), EDM eq. 4,
+#   dx/dt = (sigma'(t)/sigma(t) + s'(t)/s(t)) x - sigma'(t) s(t) / sigma(t) * D(x/s(t); sigma(t)).
+
+class ProbabilityFlowODE:
+    def __init__(self, sigma, sigma_deriv, sigma_inv, s, s_deriv, name='custom'):
+        self.sigma = sigma              # t -> noise level.
+        self.sigma_deriv = sigma_deriv  # t -> d sigma / dt.
+        self.sigma_inv = sigma_inv      # noise level -> t.
+        self.s = s                      # t -> signal scale (1 = no scaling).
+        self.s_deriv = s_deriv          # t -> d s / dt.
+        self.name = name
+
+    def direction(self, x, t, denoised):
+        return (self.sigma_deriv(t) / self.sigma(t) + self.s_deriv(t) / self.s(t)) * x - self.sigma_deriv(t) * self.s(t) / self.sigma(t) * denoised
+
+    def __repr__(self):
+        return f'ProbabilityFlowODE({self.name})'
+
+class EDMProbabilityFlowODE(ProbabilityFlowODE):
+    """sigma(t) = t, s(t) = 1 (EDM's choice): dx/dt = (x - D(x; t)) / t = the predicted noise."""
+    def __init__(self):
+        identity = lambda t: t
+        super().__init__(sigma=identity, sigma_deriv=lambda t: 1, sigma_inv=identity, s=lambda t: 1, s_deriv=lambda t: 0, name='edm')
+
+    def direction(self, x, t, denoised):
+        return (x - denoised) / t
+
+def ablation_ode(schedule='linear', scaling='none', vp_beta_d=19.9, vp_beta_min=0.1):
+    """The ODE of EDM's generalized sampler for --schedule vp|ve|linear and --scaling vp|none."""
+    if schedule == 'vp':
+        sigma, sigma_deriv, sigma_inv = vp_sigma(vp_beta_d, vp_beta_min), vp_sigma_deriv(vp_beta_d, vp_beta_min), vp_sigma_inv(vp_beta_d, vp_beta_min)
+    elif schedule == 've':
+        sigma, sigma_deriv, sigma_inv = (lambda t: t.sqrt()), (lambda t: 0.5 / t.sqrt()), (lambda sigma: sigma ** 2)
+    elif schedule == 'linear':
+        sigma, sigma_deriv, sigma_inv = (lambda t: t), (lambda t: 1), (lambda sigma: sigma)
+    else:
+        raise ValueError(f'Unknown schedule "{schedule}"')
+    if scaling == 'vp':
+        s = lambda t: 1 / (1 + sigma(t) ** 2).sqrt()
+        s_deriv = lambda t: -sigma(t) * sigma_deriv(t) * (s(t) ** 3)
+    elif scaling == 'none':
+        s, s_deriv = (lambda t: 1), (lambda t: 0)
+    else:
+        raise ValueError(f'Unknown scaling "{scaling}"')
+    return ProbabilityFlowODE(sigma, sigma_deriv, sigma_inv, s, s_deriv, name=f'schedule={schedule},scaling={scaling}')
+
+#----------------------------------------------------------------------------
+# Denoisers. A denoiser is any callable (x, sigma, step) -> float64 D(x; sigma)
+# with x at noise level sigma (no VP scaling), sigma a float64 scalar tensor or
+# one value per sample, and `step` the index i of the sampling step.
+
+def network_denoiser(net, class_labels=None):
+    """The plain denoiser of a preconditioned network (VPPrecond, EDMPrecond, ...)."""
+    def denoise(x, sigma, step):
+        return net(x, sigma, class_labels).to(torch.float64)
+    return denoise
+
+#----------------------------------------------------------------------------
+# The loop.
+
+def sample(denoise, latents, t_steps, ode=None, solver='heun', randn_like=torch.randn_like,
+    round_sigma=torch.as_tensor, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1):
+    """Integrate from t_steps[0] to t_steps[-1] (= 0) and return the float64 result.
+
+    t_steps     -- float64 times t_0 > ... > t_{N-1} > t_N = 0 (of the ODE's time variable).
+    ode         -- ProbabilityFlowODE; default EDMProbabilityFlowODE().
+    solver      -- 'euler' or 'heun' (2nd order correction on all but the last step).
+    randn_like  -- noise source for churn (per-seed generators in generate.py).
+    round_sigma -- snaps noise levels onto those the network supports (iDDPM).
+    S_*         -- stochastic churn of EDM Algorithm 2.
+    """
+    ode = ode if ode is not None else EDMProbabilityFlowODE()
+    assert solver in ('euler', 'heun')
+    num_steps = len(t_steps) - 1
+    sigma, s = ode.sigma, ode.s
+
+    t_next = t_steps[0]
+    x_next = latents.to(torch.float64) * (sigma(t_next) * s(t_next))
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+
+        # Increase the noise temporarily (churn). The noise is drawn at every
+        # step, as in EDM, so that each seed's random stream does not depend on
+        # S_min/S_max.
+        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= sigma(t_cur) <= S_max else 0
+        t_hat = ode.sigma_inv(round_sigma(sigma(t_cur) + gamma * sigma(t_cur)))
+        x_hat = s(t_hat) / s(t_cur) * x_cur + (sigma(t_hat) ** 2 - sigma(t_cur) ** 2).clip(min=0).sqrt() * s(t_hat) * S_noise * randn_like(x_cur)
+
+        # Euler step.
+        h = t_next - t_hat
+        denoised = denoise(x_hat / s(t_hat), sigma(t_hat), i)
+        d_cur = ode.direction(x_hat, t_hat, denoised)
+        x_next = x_hat + h * d_cur
+
+        # 2nd order correction at the end point of the Euler step. EDM's
+        # generalized sampler reaches that point as t_hat + h rather than t_next
+        # (equal up to rounding); its arithmetic is kept so images match to the bit.
+        if solver == 'heun' and i < num_steps - 1:
+            t_prime = t_next if isinstance(ode, EDMProbabilityFlowODE) else t_hat + h
+            denoised = denoise(x_next / s(t_prime), sigma(t_prime), i)
+            d_prime = ode.direction(x_next, t_prime, denoised)
+            x_next = x_hat + h * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+#----------------------------------------------------------------------------
+# EDM's two samplers as configurations of the loop.
+
+def edm_time_steps(net, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, device=None):
+    """Time steps of EDM's sampler (Algorithm 2), limited to the network's supported range."""
+    sigma_min = max(sigma_min, net.sigma_min)
+    sigma_max = min(sigma_max, net.sigma_max)
+    sigma_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=device)
+    return torch.cat([net.round_sigma(sigma_steps), torch.zeros_like(sigma_steps[:1])])
+
+def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7,
+    S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, denoise=None):
+    """EDM Algorithm 2 (Heun, sigma(t) = t, s(t) = 1). `denoise` replaces the network's denoiser."""
+    t_steps = edm_time_steps(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    denoise = denoise if denoise is not None else network_denoiser(net, class_labels)
+    return sample(denoise, latents, t_steps, ode=EDMProbabilityFlowODE(), solver='heun', randn_like=randn_like,
+        round_sigma=net.round_sigma, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
+
+def ablation_sigma_steps(net, num_steps=18, sigma_min=None, sigma_max=None, rho=7, discretization='edm',
+    epsilon_s=VP_EPSILON_S, C_1=0.001, C_2=0.008, M=1000, device=None):
+    """Noise levels of EDM's generalized sampler (EDM Table 1, Algorithm 1).
+
+    Returns (sigma_steps, ode_kwargs); ode_kwargs are the VP betas fitted to the sigma range,
+    which the 'vp' schedule uses.
+    """
+    if discretization not in ABLATION_SIGMA_MIN:
+        raise ValueError(f'Unknown discretization "{discretization}"')
+    sigma_min = sigma_min if sigma_min is not None else ABLATION_SIGMA_MIN[discretization]
+    sigma_max = sigma_max if sigma_max is not None else ABLATION_SIGMA_MAX[discretization]
+    sigma_min = max(sigma_min, net.sigma_min)
+    sigma_max = min(sigma_max, net.sigma_max)
+
+    # VP betas that make sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max.
+    vp_beta_d = 2 * (np.log(sigma_min ** 2 + 1) / epsilon_s - np.log(sigma_max ** 2 + 1)) / (epsilon_s - 1)
+    vp_beta_min = np.log(sigma_max ** 2 + 1) - 0.5 * vp_beta_d
+
+    i = torch.arange(num_steps, dtype=torch.float64, device=device)
+    if discretization == 'vp':
+        sigma_steps = vp_sigma(vp_beta_d, vp_beta_min)(1 + i / (num_steps - 1) * (epsilon_s - 1))
+    elif discretization == 've':
+        sigma_steps = ((sigma_max ** 2) * ((sigma_min ** 2 / sigma_max ** 2) ** (i / (num_steps - 1)))).sqrt()
+    elif discretization == 'iddpm':
+        u = iddpm_sigmas(M, C_1, C_2, device=device)
+        u = u[torch.logical_and(u >= sigma_min, u <= sigma_max)]
+        sigma_steps = u[((len(u) - 1) / (num_steps - 1) * i).round().to(torch.int64)]
+    else:
+        sigma_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=device)
+
+    ode_kwargs = dict(vp_beta_d=vp_beta_d, vp_beta_min=vp_beta_min)
+    return sigma_steps, ode_kwargs
+
+def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=None, sigma_max=None, rho=7,
+    solver='heun', discretization='edm', schedule='linear', scaling='none', epsilon_s=VP_EPSILON_S, C_1=0.001, C_2=0.008, M=1000,
+    S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, denoise=None):
+    """EDM's generalized sampler (--solver --disc --schedule --scaling)."""
+    sigma_steps, ode_kwargs = ablation_sigma_steps(net, num_steps, sigma_min, sigma_max, rho, discretization,
+        epsilon_s, C_1, C_2, M, device=latents.device)
+    ode = ablation_ode(schedule, scaling, **ode_kwargs)
+    t_steps = ode.sigma_inv(net.round_sigma(sigma_steps))
+    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+    denoise = denoise if denoise is not None else network_denoiser(net, class_labels)
+    return sample(denoise, latents, t_steps, ode=ode, solver=solver, randn_like=randn_like, round_sigma=net.round_sigma,
+        S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
+
+#----------------------------------------------------------------------------
+# Per-seed random numbers: sample k of a batch always draws from its own
+# generator seeded with seeds[k], so an image depends only on its seed, not
+# on the batch it was generated in or on the rank that generated it.
+
+class StackedRandomGenerator:
+    def __init__(self, device, seeds):
+        self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+
+    def randn(self, size, **kwargs):
+        assert size[0] == len(self.generators)
+        return torch.stack([torch.randn(size[1:], generator=gen, **kwargs) for gen in self.generators])
+
+    def randn_like(self, input):
+        return self.randn(input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
+
+    def randint(self, *args, size, **kwargs):
+        assert size[0] == len(self.generators)
+        return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
+
+#----------------------------------------------------------------------------
