@@ -10,7 +10,6 @@ import click
 import torch
 import tqdm
 
-import dnnlib
 from torch_utils import distributed as dist
 from training import checkpoint
 from training import generation
@@ -108,10 +107,7 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
 
     dist.barrier()
     if grid and rank == 0:
-        import numpy as np, PIL.Image
-        grid_seeds = seeds[:256]
-        images = [np.asarray(PIL.Image.open(generation.image_path(outdir, seed, subdirs))) for seed in grid_seeds]
-        images = [image[:, :, None] if image.ndim == 2 else image for image in images]
+        images = [generation.load_image(generation.image_path(outdir, seed, subdirs)) for seed in seeds[:256]]
         generation.save_image_grid(os.path.join(outdir, 'grid.png'), images)
     dist.print0('Done.')
     dist.shutdown()

@@ -44,7 +44,7 @@ def load_snapshot(path_or_url, verbose=True):
         raise CheckpointError(f'Network file not found: {path_or_url}') from e
     except dnnlib.util.DownloadError as e:
         raise CheckpointError(str(e)) from e
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError, AssertionError, SyntaxError) as e:
+    except Exception as e: # Corrupt bytes fail in many ways (bad opcodes, bad source, missing names).
         raise CheckpointError(f'{path_or_url} is not a readable network pickle ({type(e).__name__}: {e}); is the file complete?') from e
     if not isinstance(data, dict):
         raise CheckpointError(f'{path_or_url} holds a {type(data).__name__}, not a snapshot dict with an "ema" network')

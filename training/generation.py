@@ -57,6 +57,11 @@ def save_image(path, image):
     with dnnlib.util.atomic_write(path) as f:
         PIL.Image.fromarray(image[:, :, 0] if mode == 'L' else image, mode).save(f, format='PNG')
 
+def load_image(path):
+    """PNG -> HWC uint8 array (grayscale as one channel)."""
+    image = np.asarray(PIL.Image.open(path))
+    return image[:, :, None] if image.ndim == 2 else image
+
 def save_image_grid(path, images, grid_width=None):
     """Tile N HWC uint8 images into one PNG, grid_width images per row (default: square-ish)."""
     images = np.asarray(images)
@@ -85,6 +90,17 @@ def class_labels_for_seeds(net, rnd, batch_size, class_idx=None, device=None):
         labels[:, class_idx] = 1
     return labels
 
+def min_eval_batch(device):
+    """Smallest batch the network is evaluated at, so that an image never depends on its batch.
+
+    CPU matrix products give per-row results that depend on the number of rows when it is small
+    (the BLAS switches kernels and thread partitions; measured: up to about 1.6 x threads rows),
+    and batch-1 convolutions take another algorithm. Short batches are therefore padded with
+    throw-away samples up to this size. Larger batches are already in the stable regime, which is
+    also where NVIDIA EDM's own batches are, so this keeps its images too.
+    """
+    return max(16, 4 * torch.get_num_threads()) if torch.device(device).type == 'cpu' else 16
+
 def uses_ablation_sampler(sampler_kwargs):
     """EDM's rule: any of --solver/--disc/--schedule/--scaling selects the generalized sampler."""
     return any(sampler_kwargs.get(k) is not None for k in ('solver', 'discretization', 'schedule', 'scaling'))
@@ -100,14 +116,16 @@ def generate_images(net, seeds, max_batch_size=64, class_idx=None, device=torch.
     sampler_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
     sampler_fn = sampler_lib.ablation_sampler if uses_ablation_sampler(sampler_kwargs) else sampler_lib.edm_sampler
     for batch_seeds in rank_batches(seeds, max_batch_size, rank, world_size):
+        batch_seeds = [int(seed) for seed in batch_seeds]
         batch_size = len(batch_seeds)
-        rnd = sampler_lib.StackedRandomGenerator(device, batch_seeds)
-        latents = rnd.randn([batch_size, net.img_channels, net.img_resolution, net.img_resolution], device=device)
-        class_labels = class_labels_for_seeds(net, rnd, batch_size, class_idx, device)
+        eval_seeds = batch_seeds + [batch_seeds[-1]] * max(min_eval_batch(device) - batch_size, 0) # Padding, see min_eval_batch().
+        rnd = sampler_lib.StackedRandomGenerator(device, eval_seeds)
+        latents = rnd.randn([len(eval_seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        class_labels = class_labels_for_seeds(net, rnd, len(eval_seeds), class_idx, device)
         denoise = make_denoiser(net, class_labels) if make_denoiser is not None else None
         with torch.no_grad():
             images = sampler_fn(net, latents, class_labels, randn_like=rnd.randn_like, denoise=denoise, **sampler_kwargs)
-        labels = class_labels.argmax(dim=1).cpu().numpy() if class_labels is not None else None
-        yield dnnlib.EasyDict(seeds=[int(s) for s in batch_seeds], images=to_uint8(images), labels=labels)
+        labels = class_labels[:batch_size].argmax(dim=1).cpu().numpy() if class_labels is not None else None
+        yield dnnlib.EasyDict(seeds=batch_seeds, images=to_uint8(images[:batch_size]), labels=labels)
 
 #----------------------------------------------------------------------------
