@@ -47,7 +47,7 @@ def image_to_array(image, name):
         image = image.convert('RGBA' if 'transparency' in image.info else 'RGB')
     elif mode == '1':
         image = image.convert('L')
-    elif mode in ('CMYK', 'YCbCr', 'LAB', 'HSV'):
+    elif mode in ('CMYK', 'YCbCr'):
         image = image.convert('RGB')
     elif mode in ('PA', 'La', 'RGBa'):
         image = image.convert('RGBA' if mode != 'La' else 'LA')
@@ -94,7 +94,7 @@ def parse_labels(entries, image_names, where):
         labels = np.array([], dtype=object)
     if labels.dtype.kind not in 'iuf' or labels.ndim not in (1, 2):
         raise DatasetError(f'{where}: every label must be a class index or a list of numbers of one fixed length')
-    if labels.ndim == 1 and np.all(labels == np.round(labels)):
+    if labels.ndim == 1 and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
         if labels.size and labels.min() < 0:
             raise DatasetError(f'{where}: class indices must not be negative (found {labels.min()})')
         return labels.astype(np.int64)
