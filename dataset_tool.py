@@ -295,26 +295,27 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
     """
     check_transform(transform, resolution)
     width, height = resolution if resolution is not None else (None, None)
-    num_images, images = open_source(source, max_images)
-    labels = []
-    first_shape = None
-    with open_dest(dest) as write, tqdm.tqdm(total=num_images, unit='img', disable=not progress) as progress_bar:
-        for idx, (name, image, label) in enumerate(images):
-            progress_bar.update(1)
-            image = TRANSFORMS[transform](image, width, height)
-            if image is None:
-                continue
-            h, w, c = image.shape
-            if first_shape is None:
-                first_shape = image.shape
-                if w != h:
-                    raise DatasetError(f'Images must be square, but {name} is {w}x{h}; use --transform=center-crop --resolution=NxN')
-            elif image.shape != first_shape:
-                raise DatasetError(f'{name} is {w}x{h} with {c} channels' + (' after the transform' if resolution else '') +
-                    f', but the first image is {first_shape[1]}x{first_shape[0]} with {first_shape[2]}; '
-                    'all images must have the same size (use --resolution to resize them)')
-            write(archive_fname(idx), encode_png(image))
-            labels.append([archive_fname(idx), label] if label is not None else None)
+    with open_dest(dest) as write: # Checks --dest before reading the source, which may take a while.
+        num_images, images = open_source(source, max_images)
+        labels = []
+        first_shape = None
+        with tqdm.tqdm(total=num_images, unit='img', disable=not progress) as progress_bar:
+            for idx, (name, image, label) in enumerate(images):
+                progress_bar.update(1)
+                image = TRANSFORMS[transform](image, width, height)
+                if image is None:
+                    continue
+                h, w, c = image.shape
+                if first_shape is None:
+                    first_shape = image.shape
+                    if w != h:
+                        raise DatasetError(f'Images must be square, but {name} is {w}x{h}; use --transform=center-crop --resolution=NxN')
+                elif image.shape != first_shape:
+                    raise DatasetError(f'{name} is {w}x{h} with {c} channels' + (' after the transform' if resolution else '') +
+                        f', but the first image is {first_shape[1]}x{first_shape[0]} with {first_shape[2]}; '
+                        'all images must have the same size (use --resolution to resize them)')
+                write(archive_fname(idx), encode_png(image))
+                labels.append([archive_fname(idx), label] if label is not None else None)
         if first_shape is None:
             raise DatasetError(f'Every image of {source} is smaller than --resolution={width}x{height}; nothing to write')
         write('dataset.json', json.dumps({'labels': labels if all(x is not None for x in labels) else None}))
