@@ -173,6 +173,26 @@ def open_mnist(images_path, max_images=None):
             yield f'image {idx} of {images_path}', image[:, :, np.newaxis], int(label)
     return len(images), iterate()
 
+def open_optdigits(path, max_images=None):
+    """UCI "Optical Recognition of Handwritten Digits" (optdigits.tra / .tes, or the same rows
+    as .csv / .csv.gz, e.g. scikit-learn's digits.csv.gz): per line 64 counts 0..16 of an 8x8
+    image, then the class. Counts are stretched to 0..255 (16 -> 255)."""
+    opener = gzip.open if path.lower().endswith('.gz') else open
+    try:
+        with opener(path, 'rt') as f:
+            rows = np.loadtxt(f, delimiter=',', dtype=np.int64, ndmin=2)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f'Cannot read {path} as UCI optdigits rows of 64 pixel counts and a label: {e}') from e
+    if rows.shape[1] != 65 or rows[:, :64].min() < 0 or rows[:, :64].max() > 16:
+        raise DatasetError(f'{path} is not in UCI optdigits format: expected 65 comma-separated integers per line, pixels in 0..16')
+    rows = rows[:max_images]
+    images = np.round(rows[:, :64] * (255 / 16)).astype(np.uint8).reshape(-1, 8, 8)
+
+    def iterate():
+        for idx, (image, label) in enumerate(zip(images, rows[:, 64])):
+            yield f'row {idx + 1} of {path}', image[:, :, np.newaxis], int(label)
+    return len(images), iterate()
+
 def open_source(path, max_images=None):
     """Pick the opener by what `path` is."""
     if os.path.isdir(path):
@@ -186,8 +206,10 @@ def open_source(path, max_images=None):
         return open_cifar10(path, max_images)
     if name.endswith('.zip'):
         return open_image_zip(path, max_images)
+    if name.endswith(('.tra', '.tes', '.csv', '.csv.gz')):
+        return open_optdigits(path, max_images)
     raise DatasetError(f'Unknown source {path}: expected an image folder, a .zip of images, '
-        'cifar-10-python.tar.gz or train-images-idx3-ubyte.gz')
+        'cifar-10-python.tar.gz, train-images-idx3-ubyte.gz or UCI optdigits rows (.tra, .tes, .csv, .csv.gz)')
 
 #----------------------------------------------------------------------------
 # Crop and resize, as EDM's tool does it: Pillow's Lanczos filter on uint8 images.
@@ -263,6 +285,7 @@ def open_dest(dest):
     os.makedirs(parent, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(os.path.abspath(dest))}.', suffix='.tmp')
     try:
+        os.chmod(tmp_dir, 0o777 & ~dnnlib.util.current_umask()) # mkdtemp makes the folder private.
         def write(fname, data):
             path = os.path.join(tmp_dir, fname)
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -334,7 +357,7 @@ class Resolution(click.ParamType):
         return int(m.group(1)), int(m.group(2))
 
 @click.command(context_settings=dict(max_content_width=120))
-@click.option('--source',     help='Image folder, zip of images, cifar-10-python.tar.gz or train-images-idx3-ubyte.gz', metavar='PATH', type=str, required=True)
+@click.option('--source',     help='Image folder, zip of images, cifar-10-python.tar.gz, train-images-idx3-ubyte.gz or UCI optdigits .tra/.csv(.gz)', metavar='PATH', type=str, required=True)
 @click.option('--dest',       help='Output: .zip file (uncompressed) or new folder', metavar='PATH', type=str, required=True)
 @click.option('--max-images', help='Convert only the first INT images', metavar='INT',                   type=click.IntRange(min=1))
 @click.option('--transform',  help='Crop before resizing to --resolution', metavar='center-crop|center-crop-wide', type=click.Choice(['center-crop', 'center-crop-wide']))
@@ -359,6 +382,11 @@ def main(source, dest, max_images, transform, resolution):
     # MNIST with labels, 28x28 padded to 32x32 (train-labels-idx1-ubyte.gz must be next to it)
     python dataset_tool.py --source=downloads/mnist/train-images-idx3-ubyte.gz \\
         --dest=datasets/mnist-32x32.zip
+
+    \b
+    # UCI handwritten digits (8x8, 0..16) upsampled to 16x16: the bundled demo dataset
+    python dataset_tool.py --source=bundled/digits/optdigits.csv.gz \\
+        --dest=bundled/digits-16x16.zip --resolution=16x16
 
     \b
     # Non-square photos: crop the center square, then resize to 256x256; first 1000 images

@@ -237,6 +237,11 @@ def open_url(url, cache_dir=None, num_attempts=3, verbose=True, return_filename=
 # Atomic file writes: a crash or Ctrl-C leaves either the previous file or the
 # complete new one, never a truncated PNG, pickle or npz that later runs trust.
 
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 @contextlib.contextmanager
 def atomic_write(path, mode='wb', fsync=False):
     """Context manager yielding a file object whose contents replace `path` on success.
@@ -249,6 +254,7 @@ def atomic_write(path, mode='wb', fsync=False):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
     try:
+        os.chmod(tmp, 0o666 & ~current_umask()) # mkstemp makes the file private; give it the usual permissions.
         with os.fdopen(fd, mode) as f:
             yield f
             if fsync:

@@ -193,6 +193,20 @@ def test_a_dataset_zip_converts_to_the_same_dataset(tmp_path, cifar):
     _, b_images, b_labels = read_all(tmp_path / 'b', use_labels=True)
     assert np.array_equal(a_images, b_images) and np.array_equal(a_labels, b_labels)
 
+def test_uci_optdigits_rows_become_labelled_grayscale_images(tmp_path):
+    counts = np.random.RandomState(3).randint(0, 17, size=[4, 64])
+    labels = np.array([7, 0, 9, 3])
+    source = tmp_path / 'optdigits.csv.gz'
+    with gzip.open(source, 'wt') as f:
+        f.writelines(','.join(map(str, list(row) + [label])) + '\n' for row, label in zip(counts, labels))
+    assert run_tool('--source', source, '--dest', tmp_path / 'digits.zip').exit_code == 0
+    dataset, images, onehot = read_all(tmp_path / 'digits.zip', use_labels=True)
+    assert images.shape == (4, 1, 8, 8)
+    assert np.array_equal(images[:, 0], np.round(counts.reshape(4, 8, 8) * 255 / 16).astype(np.uint8)) # 16 -> 255.
+    assert np.array_equal(onehot.argmax(axis=1), labels) and dataset.label_dim == 10
+    assert run_tool('--source', source, '--dest', tmp_path / 'digits16.zip', '--resolution', '16x16').exit_code == 0
+    assert read_all(tmp_path / 'digits16.zip')[1].shape == (4, 1, 16, 16)
+
 def test_help_shows_examples():
     result = run_tool('--help')
     assert result.exit_code == 0
@@ -225,6 +239,8 @@ BAD_INPUTS = {
     'mnist, no labels':     (lambda t: ['--source', write_mnist(t / 'm', np.zeros([2, 28, 28], np.uint8), None, with_labels=False)], 'labels file not found'),
     'not cifar':            (lambda t: ['--source', _tarball_without_cifar(t)], 'no cifar-10-batches-py/data_batch_1'),
     'damaged tar.gz':       (lambda t: ['--source', (t / 'x.tar.gz').write_bytes(b'\x1f\x8b garbage') and t / 'x.tar.gz'], 'Cannot read'),
+    'optdigits, 64 values': (lambda t: ['--source', (t / 'd.csv').write_text('1,' * 63 + '1\n') and t / 'd.csv'], 'UCI optdigits format'),
+    'optdigits, count 17':  (lambda t: ['--source', (t / 'd.csv').write_text('17,' * 64 + '3\n') and t / 'd.csv'], 'UCI optdigits format'),
 }
 
 def _tarball_without_cifar(t):

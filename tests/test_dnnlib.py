@@ -56,6 +56,7 @@ def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path):
     with dnnlib.util.atomic_write(str(path), fsync=True) as f:
         f.write(b'new')
     assert path.read_bytes() == b'new' and os.listdir(tmp_path) == ['snapshot.pkl']
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~dnnlib.util.current_umask() # Not private to the writer.
 
 def test_easydict_is_a_picklable_attribute_dict():
     d = dnnlib.EasyDict(a=1)
