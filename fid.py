@@ -73,6 +73,12 @@ def main():
         --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
 
     \b
+    # With torchrun, put -- before the script when passing --num: recent torchrun versions
+    # otherwise take --num for an abbreviation of their own --numa-binding option.
+    torchrun --standalone --nproc_per_node=2 -- fid.py calc --images=fid-tmp --num=10000 \\
+        --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
+
+    \b
     # FID of .npz sample files (uint8 NHWC under "samples"), offline with local files
     python fid.py calc --images=samples/ --ref=cifar10-32x32.npz --detector=inception-2015-12-05.pkl
 
