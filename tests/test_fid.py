@@ -175,19 +175,13 @@ def test_a_pickled_detector_module_works_like_its_torchscript_version(files, ref
     assert fid_value(run_ok(*common, '--detector', tmp_path / 'detector.pkl')) == pytest.approx(
         fid_value(run_ok(*common, '--detector', files['detector'])), rel=1e-6)
 
-def test_two_torchrun_ranks_give_the_statistics_and_fid_of_one_process(files, ref_npz, tmp_path):
-    dest = tmp_path / 'two.npz'
-    result = run_cli([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'fid.py', 'ref', '--device=cpu',
-        f'--data={files["data"]}', f'--dest={dest}', f'--detector={files["detector"]}', '--batch=8', '--workers=0'])
-    assert result.returncode == 0, result.stderr
-    with np.load(ref_npz) as one, np.load(dest) as two:
-        np.testing.assert_allclose(two['mu'], one['mu'], rtol=1e-12)
-        np.testing.assert_allclose(two['sigma'], one['sigma'], rtol=1e-10, atol=1e-14)
+def test_two_torchrun_ranks_give_the_fid_of_one_process(files, ref_npz):
     result = run_cli([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--', 'fid.py', 'calc', '--device=cpu',
         f'--images={files["generated"]}', f'--ref={ref_npz}', '--num=40', f'--detector={files["detector"]}', '--batch=8', '--workers=0'])
     assert result.returncode == 0, result.stderr
     single = run_ok('calc', '--images', files['generated'], '--ref', ref_npz, '--num=40', '--detector', files['detector'])
     assert result.stdout.strip().splitlines()[-1] == single.stdout.strip().splitlines()[-1]
+    assert result.stdout.count('Calculating FID') == 1 # Rank 0 alone reports.
 
 def test_help_shows_examples():
     result = CliRunner().invoke(fid.main, ['--help'])

@@ -1,0 +1,208 @@
+"""SSCD copy-detection descriptors and the reproducibility / memorization scores built on them.
+
+Zhang et al., "The Emergence of Reproducibility and Consistency in Diffusion Models" measure with
+SSCD (Pizzi et al. 2022, a ResNet descriptor for image copy detection) how often two models produce
+the same image from the same noise (reproducibility, RP) and how often a model reproduces a training
+image (memorization). Images are resized to 320x320 and normalized with the ImageNet statistics,
+as their code does through torchvision; descriptors are L2-normalized so that a dot product is the
+cosine similarity.
+
+- RP score: the fraction of index-matched pairs (source_i, target_i) with cosine similarity > t.
+- M score:  1 - the fraction of source images whose most similar target has similarity > t.
+
+The M score compares every source with every target. It is computed in blocks of matrix products
+and never holds the full similarity matrix, so 100k x 100k works in a few hundred MiB.
+"""
+
+import numpy as np
+import PIL.Image
+import torch
+import tqdm
+
+from torch_utils import distributed as dist
+from training import dataset as dataset_lib
+from training import feature_detectors
+
+#----------------------------------------------------------------------------
+
+SSCD_URL = 'https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_large.torchscript.pt'
+SSCD_RESOLUTION = 320
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_THRESHOLD = 0.6
+
+#----------------------------------------------------------------------------
+# Model input.
+
+def resize_for_sscd(image, resolution=SSCD_RESOLUTION):
+    """uint8 CHW image -> uint8 3 x 320 x 320, resized by Pillow's bilinear filter.
+
+    That is what torchvision's Resize does to a PIL image, as in the original pipeline, so the
+    pixels (and descriptors) are the same. Grayscale is repeated to RGB (the original fails on it).
+    """
+    image = np.asarray(image)
+    if image.shape[0] == 1:
+        image = image.repeat(3, axis=0)
+    pil = PIL.Image.fromarray(image.transpose(1, 2, 0), 'RGB')
+    if pil.size != (resolution, resolution):
+        pil = pil.resize((resolution, resolution), PIL.Image.BILINEAR)
+    return np.asarray(pil).transpose(2, 0, 1)
+
+def normalize_for_sscd(images):
+    """uint8 [N, 3, H, W] -> float32 ImageNet-normalized input."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).reshape(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).reshape(1, 3, 1, 1)
+    return (images.to(torch.float32) / 255 - mean) / std
+
+class ResizedForSSCD(torch.utils.data.Dataset):
+    """A dataset's images resized for SSCD, so that DataLoader workers do the resizing."""
+    def __init__(self, dataset, resolution=SSCD_RESOLUTION):
+        self.dataset = dataset
+        self.resolution = resolution
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, idx):
+        return torch.from_numpy(resize_for_sscd(self.dataset[idx][0], self.resolution).copy())
+
+#----------------------------------------------------------------------------
+# The model.
+
+def l2_normalize(features):
+    """Rows scaled to unit length (rows of zeros stay zero)."""
+    features = torch.as_tensor(features)
+    return features / features.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+class SSCDModel:
+    """A TorchScript SSCD model (or any module with its interface): normalized float images -> [N, D]."""
+    def __init__(self, module, source):
+        self.module = module
+        self.source = source
+        images = normalize_for_sscd(torch.from_numpy(np.stack([resize_for_sscd(image) for image in feature_detectors.probe_images([3, 8, 8]).numpy()])))
+        try:
+            features = self(images.to(self.device))
+        except feature_detectors.DetectorError:
+            raise
+        except Exception as e: # Whatever the network raises for input it cannot take.
+            raise feature_detectors.DetectorError(f'SSCD model {source} fails on images of 3x{SSCD_RESOLUTION}x{SSCD_RESOLUTION} '
+                f'({feature_detectors.short_reason(e)}); is it an SSCD TorchScript model?') from e
+        self.feature_dim = features.shape[1]
+
+    @property
+    def device(self):
+        for tensor in list(self.module.parameters()) + list(self.module.buffers()):
+            return tensor.device
+        return torch.device('cpu')
+
+    def __call__(self, images):
+        """Normalized float32 [N, 3, 320, 320] -> L2-normalized float32 [N, D] descriptors."""
+        with torch.no_grad():
+            features = self.module(images)
+        n = images.shape[0]
+        if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[0] != n or not features.is_floating_point():
+            got = f'a tensor of shape {list(features.shape)}' if isinstance(features, torch.Tensor) else f'a {type(features).__name__}'
+            raise feature_detectors.DetectorError(f'SSCD model {self.source} returned {got} for {n} images; expected [N, D] descriptors')
+        return l2_normalize(features.to(torch.float32))
+
+def load_sscd_model(path_or_url=SSCD_URL, device=torch.device('cpu'), verbose=True):
+    """Load a TorchScript SSCD model (path or URL) and check it with a dry run; DetectorError otherwise."""
+    module = feature_detectors.load_torch_module(path_or_url, what='SSCD model', device=device, verbose=verbose)
+    return SSCDModel(module, path_or_url)
+
+def sscd_features(model, dataset, batch_size=64, num_workers=2, device=torch.device('cpu'), progress=True):
+    """float32 [N, D] L2-normalized descriptors of all images of `dataset`, in dataset order, on every rank."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    features = torch.zeros([len(dataset), model.feature_dim], dtype=torch.float32, device=device)
+    batches = dataset_lib.rank_batch_indices(len(dataset), batch_size, rank, world_size)
+    if batches:
+        loader = torch.utils.data.DataLoader(ResizedForSSCD(dataset), batch_sampler=batches, num_workers=num_workers)
+        for indices, images in zip(batches, tqdm.tqdm(loader, total=len(batches), unit='batch', disable=(not progress or rank != 0))):
+            features[indices.to(device)] = model(normalize_for_sscd(images.to(device)))
+    return dist.all_reduce_sum(features) # Each row is filled by exactly one rank, the others add zeros.
+
+#----------------------------------------------------------------------------
+# Scores.
+
+def reproducibility_score(source, target, threshold=DEFAULT_THRESHOLD):
+    """Fraction of index-matched pairs whose cosine similarity exceeds `threshold`."""
+    source, target = torch.as_tensor(source, dtype=torch.float64), torch.as_tensor(target, dtype=torch.float64)
+    if source.shape != target.shape:
+        raise ValueError(f'RP score compares image i of one set with image i of the other, but the feature sets have shapes '
+            f'{list(source.shape)} and {list(target.shape)}')
+    similarity = (l2_normalize(source) * l2_normalize(target)).sum(dim=1)
+    return float((similarity > threshold).to(torch.float64).mean())
+
+def max_cosine_similarity(source, target, block_size=4096, progress=False):
+    """For each source row, the largest cosine similarity to any target row: float32 [N_source].
+
+    Blocks of block_size x block_size similarities are computed by float32 matrix products and
+    reduced at once; memory use is O(block_size^2 + (N_source + N_target) * D).
+    """
+    source = l2_normalize(torch.as_tensor(source, dtype=torch.float64)).to(torch.float32)
+    target = l2_normalize(torch.as_tensor(target, dtype=torch.float64)).to(torch.float32)
+    best = torch.full([source.shape[0]], -float('inf'), dtype=torch.float32)
+    source_blocks = list(range(0, source.shape[0], block_size))
+    for start in tqdm.tqdm(source_blocks, unit='block', disable=not progress):
+        rows = source[start:start + block_size]
+        for t_start in range(0, target.shape[0], block_size):
+            block = rows @ target[t_start:t_start + block_size].T
+            best[start:start + block_size] = torch.maximum(best[start:start + block_size], block.max(dim=1).values)
+    return best
+
+def count_matched(source, target, threshold=DEFAULT_THRESHOLD, block_size=4096, progress=False):
+    """Number of source rows with some target row of cosine similarity > threshold.
+
+    The float32 blocks decide every row whose best similarity is clearly above or below the
+    threshold; rows within float32 rounding of it are decided again in float64, so the count is
+    that of exact arithmetic.
+    """
+    best = max_cosine_similarity(source, target, block_size, progress)
+    tolerance = 1e-4 # Far above the float32 error of a dot product of unit vectors of a few thousand entries.
+    close = ((best - threshold).abs() <= tolerance).nonzero().flatten()
+    matched = best > threshold
+    if len(close):
+        source64 = l2_normalize(torch.as_tensor(source, dtype=torch.float64)[close])
+        target64 = l2_normalize(torch.as_tensor(target, dtype=torch.float64))
+        best64 = torch.full([len(close)], -float('inf'), dtype=torch.float64)
+        for t_start in range(0, target64.shape[0], block_size):
+            best64 = torch.maximum(best64, (source64 @ target64[t_start:t_start + block_size].T).max(dim=1).values)
+        matched[close] = best64 > threshold
+    return int(matched.sum())
+
+def memorization_score(source, target, threshold=DEFAULT_THRESHOLD, block_size=4096, progress=False):
+    """1 - the fraction of source images whose nearest target has cosine similarity > threshold."""
+    source, target = torch.as_tensor(source), torch.as_tensor(target)
+    if source.ndim != 2 or target.ndim != 2 or source.shape[1] != target.shape[1]:
+        raise ValueError(f'Feature sets of shapes {list(source.shape)} and {list(target.shape)} cannot be compared; '
+            f'both must be [N, D] descriptors of the same model')
+    if len(source) == 0 or len(target) == 0:
+        raise ValueError('M score needs at least one source and one target image')
+    return 1 - count_matched(source, target, threshold, block_size, progress) / len(source)
+
+#----------------------------------------------------------------------------
+# Feature files: .npz with `features` [N, D].
+
+FEATURES_KEY = 'features'
+
+def load_features(path):
+    """float32 [N, D] features from an .npz file; ValueError with a one-line message otherwise."""
+    try:
+        with np.load(path) as npz:
+            if FEATURES_KEY not in npz.files:
+                raise ValueError(f'{path} has no "{FEATURES_KEY}" array (it has: {", ".join(npz.files) or "nothing"}); '
+                    f'make feature files with "sscd.py feature"')
+            features = npz[FEATURES_KEY]
+    except (FileNotFoundError, IsADirectoryError) as e:
+        raise ValueError(f'Feature file not found: {path}') from e
+    except (OSError, EOFError) as e:
+        raise ValueError(f'Cannot read {path} as an .npz file ({e})') from e
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f'Cannot read {path} as an .npz file ({e})') from e
+    if features.ndim != 2 or features.dtype.kind != 'f':
+        raise ValueError(f'"{FEATURES_KEY}" in {path} is {features.dtype} of shape {list(features.shape)}; expected float [N, D]')
+    return features
+
+#----------------------------------------------------------------------------
