@@ -12,7 +12,9 @@ import tqdm
 
 from torch_utils import distributed as dist
 from training import checkpoint
+from training import dataset
 from training import generation
+from training import optimal_denoiser as optimal_denoiser_lib
 
 #----------------------------------------------------------------------------
 
@@ -28,7 +30,7 @@ class SeedList(click.ParamType):
 #----------------------------------------------------------------------------
 
 @click.command(context_settings=dict(show_default=True, max_content_width=120))
-@click.option('--network', 'network_pkl',  help='Network pickle filename', metavar='PATH|URL',                      type=str, required=True)
+@click.option('--network', 'network_pkl',  help='Network pickle filename  [required]', metavar='PATH|URL',          type=str)
 @click.option('--outdir',                  help='Where to save the output images', metavar='DIR',                   type=str, required=True)
 @click.option('--seeds',                   help='Random seeds (e.g. 1,2,5-10)', metavar='LIST',                     type=SeedList(), default='0-63')
 @click.option('--subdirs',                 help='Create subdirectory for every 1000 seeds',                         is_flag=True)
@@ -52,7 +54,10 @@ class SeedList(click.ParamType):
 @click.option('--schedule',                help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear',           type=click.Choice(['vp', 've', 'linear']))
 @click.option('--scaling',                 help='Ablate signal scaling s(t)', metavar='vp|none',                    type=click.Choice(['vp', 'none']))
 
-def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device, resume, grid, **sampler_kwargs):
+@click.option('--optimal_denoiser',        help='Sample with the closed-form denoiser of --dataset, not a network',  is_flag=True)
+@click.option('--dataset', 'dataset_path', help='Images of the optimal denoiser', metavar='ZIP|DIR',                 type=str)
+
+def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device, resume, grid, optimal_denoiser, dataset_path, **sampler_kwargs):
     """Generate random images with EDM's samplers.
 
     Examples:
@@ -70,6 +75,10 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
     \b
     # Euler solver with VP discretization (EDM's generalized sampler)
     python generate.py --outdir=out --solver=euler --disc=vp --schedule=vp --scaling=vp --network=net.pkl
+
+    \b
+    # The optimal denoiser of a dataset instead of a network (Euler steps, as Zhang et al.)
+    python generate.py --outdir=out --seeds=0-63 --optimal_denoiser --dataset=datasets/cifar10-32x32.zip
     """
     device = dist.init(device)
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -77,10 +86,17 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
     # Load the network; rank 0 first, so that a download happens once.
     if rank != 0:
         dist.barrier()
-    dist.print0(f'Loading network from "{network_pkl}"...')
     try:
-        net = checkpoint.load_network(network_pkl, verbose=(rank == 0))
-    except checkpoint.CheckpointError as e:
+        if optimal_denoiser:
+            net = load_optimal_denoiser(dataset_path, network_pkl, sampler_kwargs)
+        else:
+            if network_pkl is None:
+                raise click.ClickException('Missing option --network (or --optimal_denoiser with --dataset)')
+            if dataset_path is not None:
+                raise click.ClickException('--dataset is only used with --optimal_denoiser')
+            dist.print0(f'Loading network from "{network_pkl}"...')
+            net = checkpoint.load_network(network_pkl, verbose=(rank == 0))
+    except (checkpoint.CheckpointError, dataset.DatasetError) as e:
         raise click.ClickException(str(e))
     finally:
         if rank == 0:
@@ -111,6 +127,19 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
         generation.save_image_grid(os.path.join(outdir, 'grid.png'), images)
     dist.print0('Done.')
     dist.shutdown()
+
+#----------------------------------------------------------------------------
+
+def load_optimal_denoiser(dataset_path, network_pkl, sampler_kwargs):
+    """The optimal denoiser of --dataset, stepped with Euler unless --solver says otherwise."""
+    if dataset_path is None:
+        raise click.ClickException('--optimal_denoiser needs --dataset=ZIP|DIR, the images it denoises towards')
+    if network_pkl is not None:
+        dist.print0('Note: --network is not used with --optimal_denoiser; image size and channels come from --dataset')
+    if sampler_kwargs.get('solver') is None:
+        sampler_kwargs['solver'] = 'euler' # Zhang et al. take no 2nd order correction with it.
+    dist.print0(f'Loading optimal denoiser images from "{dataset_path}"...')
+    return optimal_denoiser_lib.OptimalDenoiser.from_dataset(dataset_path)
 
 #----------------------------------------------------------------------------
 
