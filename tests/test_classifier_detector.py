@@ -25,7 +25,7 @@ def test_detector_learns_separable_classes_and_features_separate_them():
     test_images, test_labels = two_class_images(100, seed=1)
     assert classifier_detector.classifier_accuracy(model, test_images, test_labels) > 0.95
     features = model(torch.as_tensor(test_images), return_features=True)
-    assert features.shape == (100, 128)
+    assert features.shape == (100, 64)
     centroid_gap = (features[test_labels == 0].mean(0) - features[test_labels == 1].mean(0)).norm()
     assert centroid_gap > features[test_labels == 0].std(0).norm() # Classes are apart in feature space.
 
@@ -36,7 +36,7 @@ def test_exported_detector_is_torchscript_taking_uint8_rgb_of_any_size(tmp_path)
     loaded = torch.jit.load(str(tmp_path / 'det.pt'))
     rgb = torch.as_tensor(images[:5]).repeat(1, 3, 1, 1)
     assert torch.allclose(loaded(rgb, return_features=True), model(torch.as_tensor(images[:5]), return_features=True), atol=1e-5)
-    assert loaded(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), return_features=True).shape == (2, 128) # Resized to 8x8.
+    assert loaded(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), return_features=True).shape == (2, 64) # Resized to 8x8.
 
 def test_cli_trains_on_a_labelled_dataset_and_refuses_unlabelled_ones(tmp_path):
     images, labels = two_class_images(60)

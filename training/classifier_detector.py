@@ -20,8 +20,8 @@ class ClassifierDetector(torch.nn.Module):
     def __init__(self,
         resolution,             # Input resolution the classifier is trained at; other sizes are resized to it.
         num_classes,            # Number of classes.
-        channels        = 32,   # Width of the first stage; doubled at the second.
-        feature_dim     = 128,  # Dimensionality of the returned features.
+        channels        = 16,   # Width of the first stage; doubled at the second.
+        feature_dim     = 64,   # Dimensionality of the returned features.
     ):
         super().__init__()
         assert resolution % 4 == 0, 'resolution must be divisible by 4'
