@@ -39,7 +39,7 @@ def image_statistics(images, detector, batch, workers, device):
         moments = frechet.feature_moments(detector, images, batch_size=batch, num_workers=workers, device=device)
     except (dataset.DatasetError, feature_detectors.DetectorError) as e:
         raise click.ClickException(str(e))
-    warning = frechet.few_images_warning(len(images))
+    warning = frechet.few_images_warning(len(images), detector.feature_dim)
     if warning is not None and dist.get_rank() == 0:
         click.echo(warning, err=True)
     return moments.stats()

@@ -117,9 +117,9 @@ def run_ok(*args):
 def fid_value(result):
     return float(result.stdout.strip().splitlines()[-1])
 
-def detector_stats(images):
+def detector_stats(images, dim=16):
     """mu and sigma of the tiny detector's features, computed directly (NHWC uint8 in)."""
-    features = TinyInception()(torch.as_tensor(images).permute(0, 3, 1, 2), return_features=True).double().detach().numpy()
+    features = TinyInception(feature_dim=dim)(torch.as_tensor(images).permute(0, 3, 1, 2), return_features=True).double().detach().numpy()
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 @pytest.fixture(scope='module')
@@ -139,7 +139,20 @@ def test_calc_prints_the_frechet_distance_to_the_reference(files, ref_npz):
     result = run_ok('calc', '--images', files['generated'], '--ref', ref_npz, '--num=40', '--detector', files['detector'], '--batch=7')
     expected = frechet.frechet_distance(*detector_stats(files['images']), *detector_stats(files['data_images']))
     assert fid_value(result) == pytest.approx(expected, rel=1e-5)
-    assert 'fewer than 2048 images is biased' in result.stderr
+    assert 'fewer images than the 16 feature dimensions is biased' not in result.stderr # 40 images, 16 dimensions.
+
+def test_fewer_images_than_feature_dimensions_give_a_warning():
+    assert 'fewer images than the 2048 feature dimensions is biased' in frechet.few_images_warning(2047)
+    assert frechet.few_images_warning(2048) is None and frechet.few_images_warning(50, feature_dim=16) is None
+
+def test_fewer_images_than_dimensions_warn_and_still_give_a_finite_fid(files, tmp_path):
+    detector = save_torchscript(TinyInception(feature_dim=64), tmp_path / 'wide.pt')
+    ref = run_ok('ref', '--data', files['data'], '--dest', tmp_path / 'ref.npz', '--detector', detector, '--workers=0')
+    assert 'fewer images than the 64 feature dimensions' in ref.stderr
+    result = run_ok('calc', '--images', files['generated'], '--ref', tmp_path / 'ref.npz', '--num=40', '--detector', detector, '--workers=0')
+    assert 'fewer images than the 64 feature dimensions' in result.stderr
+    expected = frechet.frechet_distance(*detector_stats(files['images'], dim=64), *detector_stats(files['data_images'], dim=64))
+    assert np.isfinite(fid_value(result)) and fid_value(result) == pytest.approx(expected, rel=1e-5)
 
 def test_npz_sample_files_give_the_same_fid_as_the_same_images_as_pngs(files, ref_npz, tmp_path):
     np.savez(tmp_path / 'one.npz', samples=files['images'])

@@ -27,16 +27,17 @@ from torch_utils import distributed as dist
 from training import dataset as dataset_lib
 
 #----------------------------------------------------------------------------
-# Below this many images, FID is noticeably biased upwards (and below the feature dimension the
-# covariance is rank-deficient); EDM and the FID literature use 50000.
-MIN_UNBIASED_IMAGES = 2048
+def few_images_warning(num_images, feature_dim=2048):
+    """A one-line warning if there are fewer images than feature dimensions, else None.
 
-def few_images_warning(num_images):
-    """A one-line warning if `num_images` is too few for a trustworthy FID, else None."""
-    if num_images >= MIN_UNBIASED_IMAGES:
+    Below that the covariance is rank-deficient and FID is strongly biased upwards (its bias
+    shrinks like feature_dim / num_images). For Inception features that is 2048 images; EDM and
+    the FID literature use 50000.
+    """
+    if num_images >= feature_dim:
         return None
-    return (f'Warning: statistics of only {num_images} images; FID from fewer than {MIN_UNBIASED_IMAGES} images is biased '
-        f'upwards and not comparable with published numbers (those use 50000)')
+    return (f'Warning: statistics of only {num_images} images; FID from fewer images than the {feature_dim} feature dimensions '
+        f'is biased upwards and not comparable with published numbers (those use 50000)')
 
 #----------------------------------------------------------------------------
 
