@@ -125,7 +125,7 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector_path, workers
             raise click.ClickException(f'{ref_path} holds statistics of {ref_mu.shape[0]}-dimensional features, but detector '
                 f'{detector_path} gives {detector.feature_dim}; use the detector that made the reference')
         return ref_mu, ref_sigma, images, detector
-    dist.print0(f'Loading reference statistics, images and detector...')
+    dist.print0('Loading reference statistics, images and detector...')
     ref_mu, ref_sigma, images, detector = rank0_first(load)
 
     mu, sigma = image_statistics(images, detector, batch, workers, device)

@@ -12,7 +12,7 @@ for the singular values s_1 >= s_2 >= ... of J (n = C*H*W).
   original takes one backward pass per output pixel.
 - Fast: a randomized range finder (Halko et al. 2011, Alg. 4.1) with Jacobian-vector products
   (forward mode), projected with vector-Jacobian products, plus a Hutchinson estimate of the energy
-  the sketch missed. The sketch grows until that bound fixes the rank; a rank above about n/2 ends
+  the sketch missed. The sketch grows until that bound fixes the rank; a rank above about n/4 ends
   in the exact computation. The cost follows the rank rather than n.
 
 Any denoiser works: a callable x -> D(x) on a [1, C, H, W] tensor that torch.func can transform,
@@ -79,25 +79,35 @@ def exact_jacobian_rank(denoise, x, fraction=ENERGY_FRACTION, chunk_size=64):
     singular_values = torch.linalg.svdvals(jacobian_matrix(denoise, x, chunk_size))
     return energy_rank(singular_values, fraction), singular_values
 
+def _orthonormal_extension(basis, vectors):
+    """Orthonormal columns spanning `vectors` minus their part in span(basis) (basis: orthonormal columns)."""
+    for _ in range(2): # Twice: one projection leaves rounding-level components along `basis`.
+        vectors = vectors - basis @ (basis.T @ vectors)
+        vectors = torch.linalg.qr(vectors).Q
+    return vectors
+
 def fast_jacobian_rank(denoise, x, fraction=ENERGY_FRACTION, initial_size=32, oversampling=10, num_probes=16,
-    safety=4, chunk_size=64, generator=None):
+    safety=4, max_sketch_fraction=0.25, chunk_size=64, generator=None):
     """(rank, leading singular values) from a growing randomized sketch of the Jacobian.
 
-    Each round: Y = J Omega (JVPs), Q = orth(Y), B = Q^T J (VJPs); the singular values of B are
-    lower bounds of the leading ones of J, and the energy J has outside span(Q) is estimated from
-    `num_probes` fresh JVPs. The rank is accepted when `safety` times that estimate cannot move the
-    0.99-energy crossing, and the sketch is at least `oversampling` wider than the rank; otherwise
-    the sketch doubles. Once it would cover half the space, the exact Jacobian is cheaper and is
-    computed instead.
+    The sketch Y = J Omega (JVPs) gives an orthonormal basis Q of (most of) the range of J, and
+    B = Q^T J (VJPs) has singular values that are lower bounds of the leading ones of J. The energy
+    J has outside span(Q) is estimated from `num_probes` fresh JVPs. The rank is accepted when
+    `safety` times that estimate cannot move the 0.99-energy crossing and the sketch is at least
+    `oversampling` wider than the rank; otherwise the sketch grows (keeping what it has), at least
+    doubling. Once it would exceed `max_sketch_fraction` of the n dimensions, the n VJPs of the
+    exact Jacobian are cheaper (a JVP costs 2-3 VJPs on CPU) and the exact rank is returned.
     """
     n = x.numel()
     gen = generator if generator is not None else torch.Generator(device=x.device).manual_seed(0)
     randn = lambda k: torch.randn([n, k], generator=gen, dtype=torch.float64, device=x.device)
-    size = min(initial_size, n)
-    while 2 * size <= n: # Wider sketches cost more than the n VJPs of the exact Jacobian.
-        sketch = jacobian_vector_products(denoise, x, randn(size), chunk_size)
-        basis = torch.linalg.qr(sketch).Q
-        projected = vector_jacobian_products(denoise, x, basis, chunk_size)
+    basis = torch.zeros([n, 0], dtype=torch.float64, device=x.device)
+    projected = torch.zeros([0, n], dtype=torch.float64, device=x.device)
+    size = max(min(initial_size, n), 1)
+    while size <= max_sketch_fraction * n:
+        extension = _orthonormal_extension(basis, jacobian_vector_products(denoise, x, randn(size - basis.shape[1]), chunk_size))
+        basis = torch.cat([basis, extension], dim=1)
+        projected = torch.cat([projected, vector_jacobian_products(denoise, x, extension, chunk_size)])
         singular_values = torch.linalg.svdvals(projected)
 
         # Energy outside the sketch: E||(I - Q Q^T) J g||^2 = ||(I - Q Q^T) J||_F^2 for Gaussian g.
@@ -117,7 +127,13 @@ def fast_jacobian_rank(denoise, x, fraction=ENERGY_FRACTION, initial_size=32, ov
             not_before = rank == 1 or energy[rank - 2] + missed <= fraction ** 2 * captured
             if reached and not_before:
                 return rank, singular_values
-        size *= 2
+
+        # Grow: at least double, and by as many directions as the energy still missing would need if
+        # each held as much as the weakest one found so far (the rest of the spectrum is below it).
+        missing = fraction ** 2 * (captured + outside) - captured
+        weakest = singular_values[-1].square()
+        needed = int(min(missing / weakest, n)) + oversampling if missing > 0 and weakest > 0 else 0
+        size = max(2 * size, size + needed)
     return exact_jacobian_rank(denoise, x, fraction, chunk_size)
 
 #----------------------------------------------------------------------------
@@ -155,7 +171,9 @@ def trajectory_jacobian_ranks(net, latents, class_labels=None, fast=False, fract
     for step, (x, sigma) in enumerate(sampling_trajectory(net, latents, class_labels, **sampler_kwargs)):
         denoise = network_function(net, sigma, class_labels)
         if fast:
-            rank, _ = fast_jacobian_rank(denoise, x, fraction, chunk_size=chunk_size, generator=gen)
+            # The rank changes gradually along the trajectory: start from a sketch that would have fit the last one.
+            initial_size = 32 if not results else max(32, int(1.5 * results[-1]['rank']) + 10)
+            rank, _ = fast_jacobian_rank(denoise, x, fraction, initial_size=initial_size, chunk_size=chunk_size, generator=gen)
         else:
             rank, _ = exact_jacobian_rank(denoise, x, fraction, chunk_size=chunk_size)
         entry = dict(step=step, sigma=sigma, snr=1 / sigma, rank=rank)
