@@ -1,7 +1,7 @@
 """Frechet Inception Distance (FID) of a set of images against reference statistics.
 
 Flags, reference files and numbers are those of NVIDIA EDM's fid.py; the distance itself is computed
-without scipy.linalg.sqrtm (see training/frechet.py), exactly and about 80x faster.
+without scipy.linalg.sqrtm (see training/frechet.py): exact, always real, and over 10x faster.
 """
 
 import click
@@ -131,7 +131,11 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector_path, workers
     mu, sigma = image_statistics(images, detector, batch, workers, device)
     if dist.get_rank() == 0:
         dist.print0('Calculating FID...')
-        print(f'{frechet.frechet_distance(mu, sigma, ref_mu, ref_sigma):g}')
+        try:
+            fid = frechet.frechet_distance(mu, sigma, ref_mu, ref_sigma)
+        except ValueError as e: # NaN in the statistics: a broken reference file or detector.
+            raise click.ClickException(f'Cannot compute FID: {e}')
+        print(f'{fid:g}')
     dist.barrier()
     dist.shutdown()
 

@@ -207,6 +207,11 @@ def _write(path, content):
     path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
     return path
 
+def _npy(path, array):
+    with open(path, 'wb') as f:
+        np.save(f, array)
+    return path
+
 def _pickle(path, obj):
     with open(path, 'wb') as f:
         pickle.dump(obj, f)
@@ -221,6 +226,8 @@ BAD_CALC_INPUTS = {
     'missing reference':        (lambda t, f: ['--ref', t / 'nope.npz'], 'Reference statistics not found'),
     'reference without mu':     (lambda t, f: ['--ref', np.savez(t / 'r.npz', mean=np.zeros(16)) or t / 'r.npz'], 'has no "mu" and "sigma"'),
     'reference not an npz':     (lambda t, f: ['--ref', _write(t / 'r.npz', 'hello')], 'Cannot read'),
+    'reference is one array':   (lambda t, f: ['--ref', _npy(t / 'r.npz', np.zeros(3))], 'single .npy array'),
+    'reference with NaN':       (lambda t, f: ['--ref', np.savez(t / 'r.npz', mu=np.full(16, np.nan), sigma=np.eye(16)) or t / 'r.npz'], 'mu contains NaN'),
     'reference of another dim': (lambda t, f: ['--ref', np.savez(t / 'r.npz', mu=np.zeros(8), sigma=np.eye(8)) or t / 'r.npz'], '8-dimensional features'),
     'missing detector':         (lambda t, f: ['--detector', t / 'nope.pt'], 'Detector file not found'),
     'detector is text':         (lambda t, f: ['--detector', _write(t / 'd.pkl', 'not a detector')], 'neither a TorchScript archive nor a pickled torch module'),
