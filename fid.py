@@ -23,7 +23,7 @@ def open_images_or_fail(path, num=None, seed=0):
     if num is not None and len(images) < num:
         raise click.ClickException(f'Found {len(images)} images in {path}, but --num={num}; generate more images or pass --num={len(images)}')
     if len(images) < 2:
-        raise click.ClickException(f'Found {len(images)} image in {path}; statistics need at least 2')
+        raise click.ClickException(f'Found {len(images)} image{"" if len(images) == 1 else "s"} in {path}; statistics need at least 2')
     return images
 
 def load_detector_or_fail(detector_path, image_shape, device):

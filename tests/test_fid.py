@@ -207,6 +207,11 @@ def _write(path, content):
     path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
     return path
 
+def _with_broken_image(folder, f):
+    write_image_folder(folder, f['images'][:1])
+    (folder / 'b.png').write_bytes(b'not a png')
+    return folder
+
 def _npy(path, array):
     with open(path, 'wb') as f:
         np.save(f, array)
@@ -223,6 +228,7 @@ BAD_CALC_INPUTS = {
     'npz without samples':      (lambda t, f: ['--images', np.savez(t / 'x.npz', images=f['images']) or t / 'x.npz'], 'has no "samples" array'),
     'npz samples not images':   (lambda t, f: ['--images', np.savez(t / 'x.npz', samples=np.zeros([4, 8, 8])) or t / 'x.npz'], 'expected uint8 images'),
     'images and npz together':  (lambda t, f: ['--images', np.savez(t / 'x.npz', samples=f['images']) or write_image_folder(t, f['images'][:3])], 'both image files and .npz'),
+    'unreadable image':         (lambda t, f: ['--images', _with_broken_image(t / 'i', f), '--num=2'], 'Cannot read image b.png'),
     'missing reference':        (lambda t, f: ['--ref', t / 'nope.npz'], 'Reference statistics not found'),
     'reference without mu':     (lambda t, f: ['--ref', np.savez(t / 'r.npz', mean=np.zeros(16)) or t / 'r.npz'], 'has no "mu" and "sigma"'),
     'reference not an npz':     (lambda t, f: ['--ref', _write(t / 'r.npz', 'hello')], 'Cannot read'),

@@ -130,6 +130,11 @@ def _features(path, n, d=24, key='features'):
     np.savez(path, **{key: np.ones([n, d], np.float32)})
     return path
 
+def _with_broken_image(folder):
+    write_image_folder(folder, random_images(1))
+    (folder / 'b.png').write_bytes(b'not a png')
+    return folder
+
 BAD_INPUTS = {
     'rpscore, different lengths': (lambda t: ['rpscore', '--source', _features(t / 'a.npz', 5), '--target', _features(t / 'b.npz', 6)], 'has 5 images'),
     'rpscore, missing key':       (lambda t: ['rpscore', '--source', _features(t / 'a.npz', 5, key='x'), '--target', _features(t / 'b.npz', 5)], 'has no "features" array'),
@@ -144,6 +149,8 @@ BAD_INPUTS = {
                                        '--model', save_torchscript(torch.nn.Identity(), t / 'm.pt')], 'expected [N, D] descriptors'),
     'feature, offline':           (lambda t: ['feature', '--images', write_image_folder(t / 'i', random_images(2)), '--features', t / 'f.npz',
                                        '--model', 'http://127.0.0.1:9/sscd_disc_large.torchscript.pt'], 'pass the file as a local path'),
+    'feature, unreadable image':  (lambda t: ['feature', '--images', _with_broken_image(t / 'i'), '--features', t / 'f.npz', '--model', save_torchscript(TinySSCD(), t / 'm.pt')],
+                                       'Cannot read image b.png'),
     'feature, no images':         (lambda t: ['feature', '--images', t / 'nope', '--features', t / 'f.npz'], 'not found'),
 }
 

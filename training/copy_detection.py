@@ -54,17 +54,10 @@ def normalize_for_sscd(images):
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).reshape(1, 3, 1, 1)
     return (images.to(torch.float32) / 255 - mean) / std
 
-class ResizedForSSCD(torch.utils.data.Dataset):
-    """A dataset's images resized for SSCD, so that DataLoader workers do the resizing."""
-    def __init__(self, dataset, resolution=SSCD_RESOLUTION):
-        self.dataset = dataset
-        self.resolution = resolution
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, idx):
-        return torch.from_numpy(resize_for_sscd(self.dataset[idx][0], self.resolution).copy())
+def sscd_input(images):
+    """uint8 [N, C, H, W] images -> the float32 [N, 3, 320, 320] input of SSCD models."""
+    resized = np.stack([resize_for_sscd(image) for image in images.cpu().numpy()])
+    return normalize_for_sscd(torch.from_numpy(resized).to(images.device))
 
 #----------------------------------------------------------------------------
 # The model.
@@ -79,9 +72,8 @@ class SSCDModel:
     def __init__(self, module, source):
         self.module = module
         self.source = source
-        images = normalize_for_sscd(torch.from_numpy(np.stack([resize_for_sscd(image) for image in feature_detectors.probe_images([3, 8, 8]).numpy()])))
         try:
-            features = self(images.to(self.device))
+            features = self(sscd_input(feature_detectors.probe_images([3, 8, 8], device=self.device)))
         except feature_detectors.DetectorError:
             raise
         except Exception as e: # Whatever the network raises for input it cannot take.
@@ -115,10 +107,10 @@ def sscd_features(model, dataset, batch_size=64, num_workers=2, device=torch.dev
     rank, world_size = dist.get_rank(), dist.get_world_size()
     features = torch.zeros([len(dataset), model.feature_dim], dtype=torch.float32, device=device)
     batches = dataset_lib.rank_batch_indices(len(dataset), batch_size, rank, world_size)
-    if batches:
-        loader = torch.utils.data.DataLoader(ResizedForSSCD(dataset), batch_sampler=batches, num_workers=num_workers)
-        for indices, images in zip(batches, tqdm.tqdm(loader, total=len(batches), unit='batch', disable=(not progress or rank != 0))):
-            features[indices.to(device)] = model(normalize_for_sscd(images.to(device)))
+    loader = dataset_lib.iterate_image_batches(dataset, batch_size, rank, world_size, num_workers=num_workers)
+    # Resizing here rather than in the loader's workers costs little next to the network.
+    for indices, (images, _labels) in zip(batches, tqdm.tqdm(loader, total=len(batches), unit='batch', disable=(not progress or rank != 0))):
+        features[indices.to(device)] = model(sscd_input(images.to(device)))
     return dist.all_reduce_sum(features) # Each row is filled by exactly one rank, the others add zeros.
 
 #----------------------------------------------------------------------------
