@@ -39,7 +39,7 @@ def per_pixel_rank(denoise, x):
 @click.option('--channels',   help='model_channels of the network', metavar='INT', type=click.IntRange(min=8), default=32, show_default=True)
 @click.option('--sigma',      help='Noise level', metavar='FLOAT',            type=float, default=2.0, show_default=True)
 @click.option('--subspace',   help='Dimension of the low-rank variant', metavar='INT', type=click.IntRange(min=1), default=40, show_default=True)
-@click.option('--chunk',      help='Products per vectorized batch', metavar='INT', type=click.IntRange(min=1), default=128, show_default=True)
+@click.option('--chunk',      help='Products per vectorized batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--skip-loop',  help='Do not time the per-pixel loop (slow)', is_flag=True)
 def main(resolution, channels, sigma, subspace, chunk, skip_loop):
     """Time the exact, fast and per-pixel Jacobian ranks of one denoiser evaluation."""

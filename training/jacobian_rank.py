@@ -156,7 +156,11 @@ def sampling_trajectory(net, latents, class_labels=None, randn_like=torch.randn_
     return points
 
 def network_function(net, sigma, class_labels=None):
-    """x -> D(x; sigma) of a preconditioned network at a fixed noise level, as a torch.func-able function."""
+    """x -> D(x; sigma) of a preconditioned network at a fixed noise level, as a torch.func-able function.
+
+    The class label is passed on: the original code samples the trajectory with the label but
+    differentiates the network without it, i.e. the unconditional output of a conditional network.
+    """
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
     return lambda x: net(x, sigma.to(x.device), class_labels).to(torch.float64)
 
