@@ -83,40 +83,37 @@ def check_ddp_consistency(module, ignore_regex=None):
         assert (tensor == other).all(), f'Parameter differs across ranks: {fullname}'
 
 #----------------------------------------------------------------------------
-# Endless sampler over a dataset: each rank sees its own slice of one shuffled
-# order, and a partial in-window shuffle keeps epochs from repeating exactly.
+# Endless sampler over a dataset. The stream is a sequence of epochs, each a
+# permutation drawn from (seed, epoch); rank r of R takes stream positions
+# r, r + R, r + 2R, ... Any position can be started from in O(1), which is
+# what lets a resumed training run see exactly the images it would have seen.
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    def __init__(self, dataset, rank=0, num_replicas=1, shuffle=True, seed=0, window_size=0.5, start_idx=0):
+    def __init__(self, dataset, rank=0, num_replicas=1, shuffle=True, seed=0, start_idx=0):
         assert len(dataset) > 0
         assert num_replicas > 0 and 0 <= rank < num_replicas
-        assert 0 <= window_size <= 1
         super().__init__()
         self.dataset_size = len(dataset)
         self.rank = rank
         self.num_replicas = num_replicas
         self.shuffle = shuffle
         self.seed = seed
-        self.window_size = window_size
-        self.start_idx = start_idx # Position in the endless stream; lets a resumed run continue the same order.
+        self.start_idx = start_idx # Global stream position to start at (images consumed by all ranks so far).
+
+    def epoch_order(self, epoch):
+        if not self.shuffle:
+            return np.arange(self.dataset_size)
+        return np.random.RandomState([self.seed % (1 << 31), epoch % (1 << 31)]).permutation(self.dataset_size)
 
     def __iter__(self):
-        order = np.arange(self.dataset_size)
-        rnd = None
-        window = 0
-        if self.shuffle:
-            rnd = np.random.RandomState(self.seed)
-            rnd.shuffle(order)
-            window = int(np.rint(order.size * self.window_size))
-        idx = 0
+        position = self.start_idx + (self.rank - self.start_idx) % self.num_replicas # First position of this rank.
+        epoch, order = None, None
         while True:
-            i = idx % order.size
-            if idx >= self.start_idx and idx % self.num_replicas == self.rank:
-                yield order[i]
-            if window >= 2:
-                j = (i - rnd.randint(window)) % order.size
-                order[i], order[j] = order[j], order[i]
-            idx += 1
+            if position // self.dataset_size != epoch:
+                epoch = position // self.dataset_size
+                order = self.epoch_order(epoch)
+            yield int(order[position % self.dataset_size])
+            position += self.num_replicas
 
 #----------------------------------------------------------------------------
 

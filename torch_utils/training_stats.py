@@ -45,6 +45,7 @@ def report0(name, value):
 class Collector:
     """Snapshot of the statistics whose names match `regex`, summed over ranks.
 
+    Values reported before the collector's first update() count towards it.
     Every rank must have reported the same names before update(), which is collective.
 
     With keep_previous, a name that got no new values since the last update keeps its last
@@ -53,16 +54,18 @@ class Collector:
     def __init__(self, regex='.*', keep_previous=True):
         self._regex = re.compile(regex)
         self._keep_previous = keep_previous
-        self._cumulative = {}
         self._moments = {}
-        self.update()
-        self._moments.clear()
 
     def names(self):
         return [name for name in _counters if self._regex.fullmatch(name)]
 
     def update(self, device=None):
-        """Gather the moments accumulated since the previous update; collective over ranks."""
+        """Take the moments reported since the previous update, summed over ranks; collective.
+
+        Reported values are consumed (moved out of the counters), so each tick's statistics are
+        sums over that tick alone, never differences of running totals, which would make a
+        resumed run's figures differ from an uninterrupted run's in the last digits.
+        """
         if not self._keep_previous:
             self._moments.clear()
         names = sorted(self.names()) # Same order on every rank.
@@ -72,14 +75,12 @@ class Collector:
         for row, name in enumerate(names):
             for counter in _counters[name].values():
                 totals[row] += counter.to(device)
+                counter.zero_()
         dist.all_reduce_sum(totals)
         totals = totals.cpu()
         for row, name in enumerate(names):
-            previous = self._cumulative.get(name, torch.zeros([_num_moments], dtype=_reduce_dtype))
-            delta = totals[row] - previous
-            self._cumulative[name] = totals[row].clone()
-            if delta[0] > 0:
-                self._moments[name] = delta
+            if totals[row, 0] > 0:
+                self._moments[name] = totals[row]
 
     def num(self, name):
         m = self._moments.get(name)
