@@ -1,7 +1,10 @@
-"""Generate images with an EDM-format network pickle.
+"""Generate images with an EDM-format network pickle, with optional exposure-bias corrections.
 
-Flags and outputs are those of NVIDIA EDM's generate.py; for the same pickle and seeds the images
-are identical. Run as `python generate.py ...` or `torchrun --nproc_per_node=N generate.py ...`.
+Flags and outputs are those of NVIDIA EDM's generate.py (for the same pickle and seeds the images
+are identical), plus epsilon scaling (--eps_scaler, --kappa), time-shift sampling
+(--do_time_shift, --cutoff, --window, --ts_rule), the optimal denoiser of a dataset
+(--optimal_denoiser) and named presets (--preset). Run as `python generate.py ...` or
+`torchrun --nproc_per_node=N generate.py ...`.
 """
 
 import os
@@ -13,8 +16,14 @@ import tqdm
 from torch_utils import distributed as dist
 from training import checkpoint
 from training import dataset
+from training import epsilon_scaling
 from training import generation
 from training import optimal_denoiser as optimal_denoiser_lib
+from training import presets
+from training import sampler as sampler_lib
+from training import time_shift as time_shift_lib
+
+BUNDLED_NETWORK = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'bundled', 'edm-digits-16x16.pkl')
 
 #----------------------------------------------------------------------------
 
@@ -27,10 +36,15 @@ class SeedList(click.ParamType):
         except ValueError as e:
             self.fail(str(e), param, ctx)
 
+def list_presets(ctx, _param, value):
+    if value and not ctx.resilient_parsing:
+        click.echo(presets.preset_table())
+        ctx.exit()
+
 #----------------------------------------------------------------------------
 
 @click.command(context_settings=dict(show_default=True, max_content_width=120))
-@click.option('--network', 'network_pkl',  help='Network pickle filename  [required]', metavar='PATH|URL',          type=str)
+@click.option('--network', 'network_pkl',  help='Network pickle filename  [default: the bundled digits model]', metavar='PATH|URL', type=str, show_default=False)
 @click.option('--outdir',                  help='Where to save the output images', metavar='DIR',                   type=str, required=True)
 @click.option('--seeds',                   help='Random seeds (e.g. 1,2,5-10)', metavar='LIST',                     type=SeedList(), default='0-63')
 @click.option('--subdirs',                 help='Create subdirectory for every 1000 seeds',                         is_flag=True)
@@ -38,7 +52,7 @@ class SeedList(click.ParamType):
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT',                                type=click.IntRange(min=1), default=64)
 @click.option('--device',                  help='Device  [default: cuda if available, else cpu]', metavar='cuda|cpu', type=click.Choice(['cuda', 'cpu']), default=None, show_default=False)
 @click.option('--resume',                  help='Skip seeds whose image already exists in --outdir',                is_flag=True)
-@click.option('--grid',                    help='Also write grid.png of the first 256 seeds to --outdir',           is_flag=True)
+@click.option('--grid/--no-grid',          help='Also write grid.png of the first 256 seeds  [default: when at most 256 seeds]', default=None, show_default=False)
 
 @click.option('--steps', 'num_steps',      help='Number of sampling steps', metavar='INT',                          type=click.IntRange(min=1), default=18)
 @click.option('--sigma_min',               help='Lowest noise level  [default: varies]', metavar='FLOAT',           type=click.FloatRange(min=0, min_open=True))
@@ -54,32 +68,61 @@ class SeedList(click.ParamType):
 @click.option('--schedule',                help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear',           type=click.Choice(['vp', 've', 'linear']))
 @click.option('--scaling',                 help='Ablate signal scaling s(t)', metavar='vp|none',                    type=click.Choice(['vp', 'none']))
 
+@click.option('--eps_scaler',              help='Epsilon scaling: divide the predicted noise by this (1 = off)', metavar='FLOAT', type=float, default=1.0)
+@click.option('--kappa',                   help='Epsilon scaling: scaler at step i is eps_scaler + kappa*i', metavar='FLOAT', type=float, default=0.0)
+@click.option('--do_time_shift',           help='Time-shift sampling (TS-DPM)',                                     is_flag=True)
+@click.option('--cutoff',                  help='Time shift: no shift at or below this index of the 1000-step grid', metavar='INT', type=int, default=300)
+@click.option('--window',                  help='Time shift: search window, in steps of the 1000-step grid', metavar='INT', type=int, default=80)
+@click.option('--ts_rule',                 help='Time shift: the authors\' released code or the paper\'s rule', metavar='released|paper', type=click.Choice(['released', 'paper']), default='released')
+
 @click.option('--optimal_denoiser',        help='Sample with the closed-form denoiser of --dataset, not a network',  is_flag=True)
 @click.option('--dataset', 'dataset_path', help='Images of the optimal denoiser', metavar='ZIP|DIR',                 type=str)
+@click.option('--preset',                  help='Named settings, see --list-presets; explicit flags override them', metavar='NAME', type=click.Choice(list(presets.PRESETS)), show_choices=False)
+@click.option('--list-presets',            help='Print the presets and exit', is_flag=True, expose_value=False, is_eager=True, callback=list_presets)
 
-def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device, resume, grid, optimal_denoiser, dataset_path, **sampler_kwargs):
-    """Generate random images with EDM's samplers.
+@click.pass_context
+def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device, resume, grid,
+    eps_scaler, kappa, do_time_shift, cutoff, window, ts_rule, optimal_denoiser, dataset_path, preset, **sampler_kwargs):
+    """Generate random images with EDM's samplers and exposure-bias corrections.
 
     Examples:
 
     \b
-    # Generate 64 images and save them as out/*.png
-    python generate.py --outdir=out --seeds=0-63 --batch=64 \\
+    # 64 images and a grid from the bundled digits model (offline, CPU)
+    python generate.py --outdir=out --seeds=0-63
+
+    \b
+    # 50k images for FID on 2 GPUs; after a crash, the same command with --resume continues
+    torchrun --standalone --nproc_per_node=2 generate.py --outdir=fid-tmp --seeds=0-49999 --subdirs --resume \\
         --network=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl
 
     \b
-    # 50k images on 2 GPUs, one folder per 1000 seeds, restartable after a crash
-    torchrun --standalone --nproc_per_node=2 generate.py --outdir=fid-tmp --seeds=0-49999 --subdirs --resume \\
-        --network=edm-cifar10-32x32-cond-vp.pkl
+    # Epsilon scaling, Heun 18 steps (35 NFE), as EDM-ES
+    torchrun --standalone --nproc_per_node=1 generate.py --outdir=out --batch 512 --steps=18 --seeds=0-49999 \\
+        --eps_scaler=1.0006 --network=edm-cifar10-32x32-cond-vp.pkl
 
     \b
-    # Euler solver with VP discretization (EDM's generalized sampler)
-    python generate.py --outdir=out --solver=euler --disc=vp --schedule=vp --scaling=vp --network=net.pkl
+    # The same by name; --list-presets shows all of the paper's settings
+    python generate.py --outdir=out --seeds=0-49999 --preset=edm-es-cifar10-cond-heun-nfe35
+
+    \b
+    # Time shift (the paper's rule) with epsilon scaling on EDM's Heun sampler
+    python generate.py --outdir=out --do_time_shift --ts_rule=paper --eps_scaler=1.0006 --network=net.pkl
 
     \b
     # The optimal denoiser of a dataset instead of a network (Euler steps, as Zhang et al.)
     python generate.py --outdir=out --seeds=0-63 --optimal_denoiser --dataset=datasets/cifar10-32x32.zip
     """
+    # A preset fills in whatever was not given on the command line.
+    if preset is not None:
+        values = presets.PRESETS[preset]
+        given = lambda name: ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        network_pkl = network_pkl if given('network_pkl') else values.network
+        eps_scaler = eps_scaler if given('eps_scaler') else values.eps_scaler
+        sampler_kwargs['num_steps'] = sampler_kwargs['num_steps'] if given('num_steps') else values.steps
+        if values.solver == 'euler' and not given('solver'):
+            sampler_kwargs['solver'] = 'euler'
+
     device = dist.init(device)
     rank, world_size = dist.get_rank(), dist.get_world_size()
 
@@ -90,10 +133,12 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
         if optimal_denoiser:
             net = load_optimal_denoiser(dataset_path, network_pkl, sampler_kwargs)
         else:
-            if network_pkl is None:
-                raise click.ClickException('Missing option --network (or --optimal_denoiser with --dataset)')
             if dataset_path is not None:
                 raise click.ClickException('--dataset is only used with --optimal_denoiser')
+            if network_pkl is None:
+                network_pkl = BUNDLED_NETWORK
+                if not os.path.isfile(network_pkl):
+                    raise click.ClickException(f'No --network given and the bundled default {network_pkl} is missing')
             dist.print0(f'Loading network from "{network_pkl}"...')
             net = checkpoint.load_network(network_pkl, verbose=(rank == 0))
     except (checkpoint.CheckpointError, dataset.DatasetError) as e:
@@ -106,6 +151,24 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
         raise click.ClickException(f'--class={class_idx} is out of range: the network has {net.label_dim} classes' if net.label_dim
             else f'--class={class_idx} given, but the network is unconditional')
 
+    # Exposure-bias corrections: checked now, applied per batch.
+    try:
+        epsilon_scaling.check_eps_scaler(eps_scaler, kappa, sampler_kwargs['num_steps'])
+        if do_time_shift:
+            solver = sampler_kwargs.get('solver') or 'heun'
+            discretization = sampler_kwargs.get('discretization') or 'edm'
+            time_shift_lib.check_time_shift(ts_rule, cutoff, window, solver, discretization, net)
+            if sampler_kwargs['S_churn'] != 0:
+                raise ValueError('--do_time_shift works with deterministic sampling only; leave --S_churn at 0')
+            sampler_kwargs['time_shift'] = time_shift_lib.TimeShift(time_shift_lib.TrainingGrid.for_network(net),
+                num_steps=sampler_kwargs['num_steps'], cutoff=cutoff, window=window, rule=ts_rule)
+    except ValueError as e:
+        raise click.ClickException(str(e))
+
+    def make_denoiser(net, class_labels):
+        denoise = sampler_lib.network_denoiser(net, class_labels)
+        return epsilon_scaling.with_epsilon_scaling(denoise, eps_scaler, kappa)
+
     # Seeds still to do.
     todo = seeds
     if resume:
@@ -115,14 +178,14 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
     # Generate and save.
     dist.print0(f'Generating {len(todo)} images to "{outdir}"...')
     batches = generation.generate_images(net, todo, max_batch_size=max_batch_size, class_idx=class_idx, device=device,
-        sampler_kwargs=sampler_kwargs, rank=rank, world_size=world_size)
+        sampler_kwargs=sampler_kwargs, make_denoiser=make_denoiser, rank=rank, world_size=world_size)
     num_batches = len(generation.rank_batches(todo, max_batch_size, rank, world_size))
     for batch in tqdm.tqdm(batches, total=num_batches, unit='batch', disable=(rank != 0)):
         for seed, image in zip(batch.seeds, batch.images):
             generation.save_image(generation.image_path(outdir, seed, subdirs), image)
 
     dist.barrier()
-    if grid and rank == 0:
+    if (grid if grid is not None else len(seeds) <= 256) and rank == 0:
         images = [generation.load_image(generation.image_path(outdir, seed, subdirs)) for seed in seeds[:256]]
         generation.save_image_grid(os.path.join(outdir, 'grid.png'), images)
     dist.print0('Done.')

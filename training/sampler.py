@@ -7,7 +7,8 @@ denoiser `denoise(x, sigma, step) -> D(x; sigma)` (float64), so that
 - epsilon scaling, discriminator guidance and the optimal denoiser are denoisers that wrap or
   replace the network one (training/epsilon_scaling.py, training/discriminator_guidance.py,
   training/optimal_denoiser.py);
-- the ODE (sigma(t), s(t)) and the time steps are plain values you can print and test.
+- the ODE (sigma(t), s(t)) and the time steps are plain values you can print and test;
+- time shift decides, per sample, where a step starts or lands (training/time_shift.py).
 
 With the defaults, `edm_sampler` and `ablation_sampler` perform exactly the floating-point
 operations of NVIDIA EDM's generate.py, so the same pickle and seeds give the same uint8 images.
@@ -110,7 +111,7 @@ def network_denoiser(net, class_labels=None):
 # The loop.
 
 def sample(denoise, latents, t_steps, ode=None, solver='heun', randn_like=torch.randn_like,
-    round_sigma=torch.as_tensor, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1):
+    round_sigma=torch.as_tensor, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, time_shift=None):
     """Integrate from t_steps[0] to t_steps[-1] (= 0) and return the float64 result.
 
     t_steps     -- float64 times t_0 > ... > t_{N-1} > t_N = 0 (of the ODE's time variable).
@@ -119,9 +120,13 @@ def sample(denoise, latents, t_steps, ode=None, solver='heun', randn_like=torch.
     randn_like  -- noise source for churn (per-seed generators in generate.py).
     round_sigma -- snaps noise levels onto those the network supports (iDDPM).
     S_*         -- stochastic churn of EDM Algorithm 2.
+    time_shift  -- optional training.time_shift.TimeShift: may move where a step starts or lands,
+                   per sample (times then become [N, 1, 1, 1] tensors).
     """
     ode = ode if ode is not None else EDMProbabilityFlowODE()
     assert solver in ('euler', 'heun')
+    if time_shift is not None and S_churn != 0:
+        raise ValueError('time shift works with deterministic sampling only (S_churn=0)')
     num_steps = len(t_steps) - 1
     sigma, s = ode.sigma, ode.s
 
@@ -129,16 +134,19 @@ def sample(denoise, latents, t_steps, ode=None, solver='heun', randn_like=torch.
     x_next = latents.to(torch.float64) * (sigma(t_next) * s(t_next))
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
+        t_land = t_next # Where the step ends; only time shift makes it differ.
+        if time_shift is not None:
+            x_cur, t_cur, t_land = time_shift.before_step(i, x_cur, t_cur, t_next, ode)
 
         # Increase the noise temporarily (churn). The noise is drawn at every
         # step, as in EDM, so that each seed's random stream does not depend on
         # S_min/S_max.
-        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= sigma(t_cur) <= S_max else 0
+        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_churn > 0 and S_min <= sigma(t_cur) <= S_max else 0
         t_hat = ode.sigma_inv(round_sigma(sigma(t_cur) + gamma * sigma(t_cur)))
         x_hat = s(t_hat) / s(t_cur) * x_cur + (sigma(t_hat) ** 2 - sigma(t_cur) ** 2).clip(min=0).sqrt() * s(t_hat) * S_noise * randn_like(x_cur)
 
         # Euler step.
-        h = t_next - t_hat
+        h = t_land - t_hat
         denoised = denoise(x_hat / s(t_hat), sigma(t_hat), i)
         d_cur = ode.direction(x_hat, t_hat, denoised)
         x_next = x_hat + h * d_cur
@@ -147,10 +155,13 @@ def sample(denoise, latents, t_steps, ode=None, solver='heun', randn_like=torch.
         # generalized sampler reaches that point as t_hat + h rather than t_next
         # (equal up to rounding); its arithmetic is kept so images match to the bit.
         if solver == 'heun' and i < num_steps - 1:
-            t_prime = t_next if isinstance(ode, EDMProbabilityFlowODE) else t_hat + h
+            t_prime = t_land if isinstance(ode, EDMProbabilityFlowODE) else t_hat + h
             denoised = denoise(x_next / s(t_prime), sigma(t_prime), i)
             d_prime = ode.direction(x_next, t_prime, denoised)
             x_next = x_hat + h * (0.5 * d_cur + 0.5 * d_prime)
+
+        if time_shift is not None:
+            x_next = time_shift.after_step(i, x_next, t_land, t_next, ode)
     return x_next
 
 #----------------------------------------------------------------------------
@@ -164,12 +175,12 @@ def edm_time_steps(net, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, devi
     return torch.cat([net.round_sigma(sigma_steps), torch.zeros_like(sigma_steps[:1])])
 
 def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7,
-    S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, denoise=None):
+    S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, denoise=None, time_shift=None):
     """EDM Algorithm 2 (Heun, sigma(t) = t, s(t) = 1). `denoise` replaces the network's denoiser."""
     t_steps = edm_time_steps(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
     denoise = denoise if denoise is not None else network_denoiser(net, class_labels)
     return sample(denoise, latents, t_steps, ode=EDMProbabilityFlowODE(), solver='heun', randn_like=randn_like,
-        round_sigma=net.round_sigma, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
+        round_sigma=net.round_sigma, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, time_shift=time_shift)
 
 def ablation_sigma_steps(net, num_steps=18, sigma_min=None, sigma_max=None, rho=7, discretization='edm',
     epsilon_s=VP_EPSILON_S, C_1=0.001, C_2=0.008, M=1000, device=None):
@@ -206,7 +217,7 @@ def ablation_sigma_steps(net, num_steps=18, sigma_min=None, sigma_max=None, rho=
 
 def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=None, sigma_max=None, rho=7,
     solver='heun', discretization='edm', schedule='linear', scaling='none', epsilon_s=VP_EPSILON_S, C_1=0.001, C_2=0.008, M=1000,
-    S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, denoise=None):
+    S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, denoise=None, time_shift=None):
     """EDM's generalized sampler (--solver --disc --schedule --scaling)."""
     sigma_steps, ode_kwargs = ablation_sigma_steps(net, num_steps, sigma_min, sigma_max, rho, discretization,
         epsilon_s, C_1, C_2, M, device=latents.device)
@@ -215,7 +226,7 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
     denoise = denoise if denoise is not None else network_denoiser(net, class_labels)
     return sample(denoise, latents, t_steps, ode=ode, solver=solver, randn_like=randn_like, round_sigma=net.round_sigma,
-        S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
+        S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, time_shift=time_shift)
 
 #----------------------------------------------------------------------------
 # Per-seed random numbers: sample k of a batch always draws from its own

@@ -1,0 +1,216 @@
+"""Measuring exposure bias, and choosing the epsilon scaler from the measurement.
+
+Ning et al. ("Elucidating the Exposure Bias in Diffusion Models", Fig. 6) compare, at every step
+of a sampler, the L2 norm of the predicted noise eps = (x - D(x; sigma)) / sigma in two settings:
+
+  consecutive -- x_t comes from the sampler's own previous steps, as in generation;
+  single step -- x_t = y + sigma n is a training image noised to the same sigma, as in training.
+
+The consecutive norm exceeds the single-step one: the network sees inputs it was not trained on.
+Alongside, the variance error compares the variance of the sampled x_t with that of training
+inputs at the same sigma (both the mean over samples of the variance of one sample's C*H*W values,
+x in EDM scaling x = y + sigma n): variance_error = Var(sampled) / Var(training) - 1.
+
+Calibration (not in any of the original codebases): epsilon scaling divides eps by lambda_i, so the
+scaler that makes the sampling norm equal the single-step norm at step i is
+r_i = consecutive_i / single_step_i. A constant scaler and a linear schedule lambda_i = a + kappa i
+are least-squares fits of r_i, weighted so that steps count by their single-step norm:
+
+    constant: lambda = sum(c_i^2) / sum(c_i s_i)            (minimizes sum (c_i / lambda - s_i)^2)
+    linear:   (a, kappa) = argmin sum s_i^2 (r_i - a - kappa i)^2.
+
+Scaling changes the trajectory and with it the consecutive norms, so `calibrate` re-measures with
+the fitted scaler and refits (a fixed point, reached in 2-3 rounds since lambda is close to 1).
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+
+import dnnlib
+from training import epsilon_scaling
+from training import generation
+from training import sampler as sampler_lib
+
+#----------------------------------------------------------------------------
+
+class StepRecorder:
+    """Wraps a denoiser; at the first evaluation of every sampling step records the mean L2 norm of
+    the predicted noise and the mean per-sample variance of x, summed over all batches."""
+
+    def __init__(self, denoise):
+        self.denoise = denoise
+        self.eps_norm_sum = {}
+        self.variance_sum = {}
+        self.count = {}
+        self._last_step = None
+
+    def __call__(self, x, sigma, step):
+        denoised = self.denoise(x, sigma, step)
+        if step != self._last_step: # The Euler evaluation; a Heun correction of the same step is not recorded.
+            eps = (x - denoised) / torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, *([1] * (x.ndim - 1)))
+            self.eps_norm_sum[step] = self.eps_norm_sum.get(step, 0.0) + float(eps.flatten(1).norm(dim=1).sum())
+            self.variance_sum[step] = self.variance_sum.get(step, 0.0) + float(x.flatten(1).var(dim=1).sum())
+            self.count[step] = self.count.get(step, 0) + x.shape[0]
+        self._last_step = step
+        return denoised
+
+    def new_batch(self):
+        self._last_step = None
+
+    def means(self):
+        steps = sorted(self.count)
+        return (np.array([self.eps_norm_sum[i] / self.count[i] for i in steps]),
+                np.array([self.variance_sum[i] / self.count[i] for i in steps]))
+
+def sampler_sigmas(net, sampler_kwargs):
+    """The noise level of the first evaluation of each step of the configured sampler."""
+    kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    if generation.uses_ablation_sampler(kwargs):
+        keys = ['num_steps', 'sigma_min', 'sigma_max', 'rho', 'discretization', 'epsilon_s', 'C_1', 'C_2', 'M']
+        sigma_steps, _ = sampler_lib.ablation_sigma_steps(net, **{k: kwargs[k] for k in keys if k in kwargs})
+        return net.round_sigma(sigma_steps).to(torch.float64)
+    keys = ['num_steps', 'sigma_min', 'sigma_max', 'rho']
+    return sampler_lib.edm_time_steps(net, **{k: kwargs[k] for k in keys if k in kwargs})[:-1]
+
+#----------------------------------------------------------------------------
+
+def consecutive_statistics(net, seeds, sampler_kwargs, eps_scaler=1.0, kappa=0.0, batch_size=64, device=torch.device('cpu')):
+    """Per step: mean eps norm of the network along real sampling trajectories, and mean variance of x.
+
+    The recorded eps is the network's own, before epsilon scaling; the trajectories follow the
+    scaled sampler, as they would in generation.
+    """
+    kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    sampler_fn = sampler_lib.ablation_sampler if generation.uses_ablation_sampler(kwargs) else sampler_lib.edm_sampler
+    recorder = StepRecorder(None)
+    for batch_seeds in generation.rank_batches(seeds, batch_size):
+        rnd = sampler_lib.StackedRandomGenerator(device, batch_seeds)
+        latents = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        labels = generation.class_labels_for_seeds(net, rnd, len(batch_seeds), device=device)
+        recorder.denoise = sampler_lib.network_denoiser(net, labels)
+        recorder.new_batch()
+        with torch.no_grad():
+            sampler_fn(net, latents, labels, randn_like=rnd.randn_like, denoise=epsilon_scaling.with_epsilon_scaling(recorder, eps_scaler, kappa), **kwargs)
+    return recorder.means()
+
+def single_step_statistics(net, images, labels, sigmas, seed=0, batch_size=256):
+    """Per noise level: mean eps norm on training images noised to it, and mean variance of those inputs.
+
+    images: uint8 NCHW; labels: float one-hot [N, label_dim] or None.
+    """
+    device = next(iter(list(net.parameters()) + list(net.buffers())), torch.zeros([])).device
+    generator = torch.Generator().manual_seed(seed)
+    norms, variances = [], []
+    for sigma in sigmas:
+        norm_sum, variance_sum = 0.0, 0.0
+        for start in range(0, len(images), batch_size):
+            y = torch.as_tensor(images[start:start + batch_size]).to(torch.float64) / 127.5 - 1
+            n = torch.randn(y.shape, generator=generator, dtype=torch.float64)
+            x = (y + float(sigma) * n).to(device)
+            batch_labels = torch.as_tensor(labels[start:start + batch_size]).to(device) if labels is not None else None
+            with torch.no_grad():
+                denoised = net(x, torch.as_tensor(float(sigma), dtype=torch.float64, device=device), batch_labels).to(torch.float64)
+            eps = (x - denoised) / float(sigma)
+            norm_sum += float(eps.flatten(1).norm(dim=1).sum())
+            variance_sum += float(x.flatten(1).var(dim=1).sum())
+        norms.append(norm_sum / len(images))
+        variances.append(variance_sum / len(images))
+    return np.array(norms), np.array(variances)
+
+#----------------------------------------------------------------------------
+
+def fit_constant_scaler(consecutive, single_step):
+    c, s = np.asarray(consecutive, dtype=np.float64), np.asarray(single_step, dtype=np.float64)
+    return float((c ** 2).sum() / (c * s).sum())
+
+def fit_linear_scaler(consecutive, single_step):
+    """(eps_scaler, kappa) of the weighted least-squares line through r_i = c_i / s_i."""
+    c, s = np.asarray(consecutive, dtype=np.float64), np.asarray(single_step, dtype=np.float64)
+    steps = np.arange(len(c), dtype=np.float64)
+    if len(c) < 2:
+        return fit_constant_scaler(c, s), 0.0
+    w = s ** 2
+    A = np.stack([np.ones_like(steps), steps], axis=1) * np.sqrt(w)[:, None]
+    (a, kappa), *_ = np.linalg.lstsq(A, (c / s) * np.sqrt(w), rcond=None)
+    return float(a), float(kappa)
+
+#----------------------------------------------------------------------------
+
+def measure(net, images, labels, seeds, sampler_kwargs, eps_scaler=1.0, kappa=0.0, batch_size=64, device=torch.device('cpu')):
+    """Both curves and the variance error for one sampler setting, as a dict of lists."""
+    sigmas = sampler_sigmas(net, sampler_kwargs).cpu().numpy()
+    consecutive, sampled_variance = consecutive_statistics(net, seeds, sampler_kwargs, eps_scaler, kappa, batch_size, device)
+    single_step, training_variance = single_step_statistics(net, images, labels, sigmas)
+    scalers = np.array([epsilon_scaling.eps_scaler_at(i, eps_scaler, kappa) for i in range(len(sigmas))])
+    return dict(
+        step=list(range(len(sigmas))), sigma=sigmas.tolist(),
+        eps_norm_consecutive=consecutive.tolist(), eps_norm_single_step=single_step.tolist(),
+        eps_norm_consecutive_scaled=(consecutive / scalers).tolist(), # What the sampler actually uses.
+        variance_sampled=sampled_variance.tolist(), variance_training=training_variance.tolist(),
+        variance_error=(sampled_variance / training_variance - 1).tolist(),
+        eps_scaler=eps_scaler, kappa=kappa,
+    )
+
+def calibrate(net, images, labels, seeds, sampler_kwargs, rounds=3, batch_size=64, device=torch.device('cpu'), progress=None):
+    """Fit the constant and the linear scaler by repeated measurement; returns (result dict, history).
+
+    Each round samples with the scaler fitted so far and refits from the network's raw norms along
+    those trajectories (the single-step curve does not change).
+    """
+    history = []
+    constant, linear = 1.0, (1.0, 0.0)
+    for round_idx in range(rounds):
+        at_constant = measure(net, images, labels, seeds, sampler_kwargs, constant, 0.0, batch_size, device)
+        constant = fit_constant_scaler(at_constant['eps_norm_consecutive'], at_constant['eps_norm_single_step'])
+        at_linear = measure(net, images, labels, seeds, sampler_kwargs, *linear, batch_size, device)
+        linear = fit_linear_scaler(at_linear['eps_norm_consecutive'], at_linear['eps_norm_single_step'])
+        history.append(dict(round=round_idx, constant=constant, linear=list(linear)))
+        if progress is not None:
+            progress(history[-1])
+    return dict(eps_scaler=constant, linear_eps_scaler=linear[0], linear_kappa=linear[1]), history
+
+#----------------------------------------------------------------------------
+
+def save_curves(result, outdir, name='eps_norm'):
+    """JSON and CSV of a measure() result, written atomically."""
+    with dnnlib.util.atomic_write(os.path.join(outdir, f'{name}.json'), mode='w') as f:
+        json.dump(result, f, indent=2)
+    columns = ['step', 'sigma', 'eps_norm_consecutive', 'eps_norm_consecutive_scaled', 'eps_norm_single_step', 'variance_sampled', 'variance_training', 'variance_error']
+    with dnnlib.util.atomic_write(os.path.join(outdir, f'{name}.csv'), mode='w') as f:
+        f.write(','.join(columns) + '\n')
+        for row in zip(*[result[c] for c in columns]):
+            f.write(','.join(f'{v:.8g}' for v in row) + '\n')
+
+def plot_curves(curves, path, title=''):
+    """PNG of eps norms (consecutive, after scaling, vs single step) and the variance error.
+
+    `curves` is {label: measure() result}; every result adds its consecutive curve, the first its
+    single-step curve.
+    """
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (ax_norm, ax_var) = plt.subplots(1, 2, figsize=(11, 4))
+    first = next(iter(curves.values()))
+    ax_norm.plot(first['step'], first['eps_norm_single_step'], 'k--', label='single step (training inputs)')
+    for label, result in curves.items():
+        ax_norm.plot(result['step'], result['eps_norm_consecutive_scaled'], marker='.', label=f'consecutive sampling, {label}')
+        ax_var.plot(result['step'], np.array(result['variance_error']) * 100, marker='.', label=label)
+    ax_norm.set_xlabel('sampling step i (noise decreasing)')
+    ax_norm.set_ylabel('mean ||eps||_2 (after scaling)')
+    ax_norm.legend(fontsize=8)
+    ax_var.axhline(0, color='k', linewidth=0.5)
+    ax_var.set_xlabel('sampling step i')
+    ax_var.set_ylabel('variance error [%]')
+    ax_var.set_title('Var(sampled x) / Var(training x) - 1', fontsize=9)
+    ax_var.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with dnnlib.util.atomic_write(path) as f:
+        fig.savefig(f, format='png', dpi=110)
+    plt.close(fig)
+
+#----------------------------------------------------------------------------
