@@ -93,7 +93,7 @@ def main():
 #----------------------------------------------------------------------------
 
 detector_option = click.option('--detector', 'detector_path', help='Feature detector: pickled module or TorchScript file', metavar='PATH|URL',
-    type=str, default=feature_detectors.INCEPTION_URL, show_default='EDM\'s Inception-v3')
+    type=str, default=None, show_default='the one recorded in --ref, else EDM\'s Inception-v3')
 batch_option = click.option('--batch', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 workers_option = click.option('--workers', help='Data loader processes per rank', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
 device_option = click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='cuda|cpu', type=click.Choice(['cuda', 'cpu']), default=None)
@@ -116,14 +116,16 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector_path, workers
 
     def load():
         try:
-            ref_mu, ref_sigma = frechet.load_stats(ref_path, verbose=(dist.get_rank() == 0))
+            ref_mu, ref_sigma, ref_detector = frechet.load_stats(ref_path, verbose=(dist.get_rank() == 0), with_detector=True)
         except frechet.StatsError as e:
             raise click.ClickException(str(e))
         images = open_images_or_fail(image_path, num_expected, seed)
-        detector = load_detector_or_fail(detector_path, images.image_shape, device)
+        chosen = detector_path or frechet.recorded_detector(ref_detector, ref_path) or feature_detectors.INCEPTION_URL
+        dist.print0(f'Using detector {chosen}' + (' (recorded in the reference statistics)' if detector_path is None and ref_detector else ''))
+        detector = load_detector_or_fail(chosen, images.image_shape, device)
         if detector.feature_dim != ref_mu.shape[0]:
             raise click.ClickException(f'{ref_path} holds statistics of {ref_mu.shape[0]}-dimensional features, but detector '
-                f'{detector_path} gives {detector.feature_dim}; use the detector that made the reference')
+                f'{chosen} gives {detector.feature_dim}; use the detector that made the reference')
         return ref_mu, ref_sigma, images, detector
     dist.print0('Loading reference statistics, images and detector...')
     ref_mu, ref_sigma, images, detector = rank0_first(load)
@@ -154,14 +156,15 @@ def ref(dataset_path, dest_path, batch, detector_path, workers, device):
 
     def load():
         images = open_images_or_fail(dataset_path)
-        return images, load_detector_or_fail(detector_path, images.image_shape, device)
+        dist.print0(f'Using detector {detector_path or feature_detectors.INCEPTION_URL}')
+        return images, load_detector_or_fail(detector_path or feature_detectors.INCEPTION_URL, images.image_shape, device)
     dist.print0(f'Loading images from "{dataset_path}" and the detector...')
     images, detector = rank0_first(load)
 
     mu, sigma = image_statistics(images, detector, batch, workers, device)
     if dist.get_rank() == 0:
         dist.print0(f'Saving dataset reference statistics to "{dest_path}"...')
-        frechet.save_stats(dest_path, mu, sigma)
+        frechet.save_stats(dest_path, mu, sigma, detector=frechet.detector_for_record(detector_path, dest_path) if detector_path else None)
     dist.barrier()
     dist.print0('Done.')
     dist.shutdown()

@@ -130,7 +130,8 @@ def ref_npz(files):
 
 def test_ref_writes_the_mean_and_covariance_of_the_detector_features(files, ref_npz):
     with np.load(ref_npz) as ref:
-        assert sorted(ref.keys()) == ['mu', 'sigma']
+        assert sorted(ref.keys()) == ['detector', 'mu', 'sigma']
+        assert str(ref['detector']) == '../detector.pt' # Relative to the reference file.
         mu, sigma = detector_stats(files['data_images'])
         np.testing.assert_allclose(ref['mu'], mu, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(ref['sigma'], sigma, rtol=1e-5, atol=1e-7)
@@ -140,6 +141,12 @@ def test_calc_prints_the_frechet_distance_to_the_reference(files, ref_npz):
     expected = frechet.frechet_distance(*detector_stats(files['images']), *detector_stats(files['data_images']))
     assert fid_value(result) == pytest.approx(expected, rel=1e-5)
     assert 'fewer images than the 16 feature dimensions is biased' not in result.stderr # 40 images, 16 dimensions.
+
+def test_calc_uses_the_detector_recorded_in_the_reference_and_says_so(files, ref_npz):
+    result = run_ok('calc', '--images', files['generated'], '--ref', ref_npz, '--num=40', '--batch=7')
+    expected = frechet.frechet_distance(*detector_stats(files['images']), *detector_stats(files['data_images']))
+    assert fid_value(result) == pytest.approx(expected, rel=1e-5)
+    assert 'detector.pt (recorded in the reference statistics)' in result.output
 
 def test_fewer_images_than_feature_dimensions_give_a_warning():
     assert 'fewer images than the 2048 feature dimensions is biased' in frechet.few_images_warning(2047)

@@ -150,8 +150,9 @@ def list_names(names, limit=5):
     names = [str(name) for name in names]
     return ', '.join(names[:limit]) + (f' and {len(names) - limit} more' if len(names) > limit else '') if names else 'nothing'
 
-def load_stats(path_or_url, verbose=True):
-    """(mu, sigma) from a reference .npz file or URL."""
+def load_stats(path_or_url, verbose=True, with_detector=False):
+    """(mu, sigma) from a reference .npz file or URL; with_detector adds the detector recorded in
+    the file by save_stats (None for EDM's reference files, which are made with Inception)."""
     try:
         with dnnlib.util.open_url(path_or_url, verbose=verbose) as f:
             npz = np.load(f)
@@ -163,6 +164,7 @@ def load_stats(path_or_url, verbose=True):
                     raise StatsError(f'{path_or_url} has no "mu" and "sigma" arrays (it has: {list_names(keys)}); '
                         f'make reference statistics with "fid.py ref"')
                 mu, sigma = npz['mu'].astype(np.float64), npz['sigma'].astype(np.float64)
+                detector = str(npz['detector']) if 'detector' in keys else None
     except (FileNotFoundError, IsADirectoryError) as e:
         raise StatsError(f'Reference statistics not found: {path_or_url}') from e
     except dnnlib.util.DownloadError as e:
@@ -171,13 +173,27 @@ def load_stats(path_or_url, verbose=True):
         raise StatsError(f'Cannot read {path_or_url} as an .npz file ({type(e).__name__}: {e})') from e
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
         raise StatsError(f'{path_or_url} holds mu of shape {list(mu.shape)} and sigma of shape {list(sigma.shape)}; expected [D] and [D, D]')
-    return mu, sigma
+    return (mu, sigma, detector) if with_detector else (mu, sigma)
 
-def save_stats(path, mu, sigma):
-    """Write EDM's reference format atomically."""
+def save_stats(path, mu, sigma, detector=None):
+    """Write EDM's reference format atomically. `detector` (a URL, or a path relative to the
+    file's folder) is recorded under an extra key, so that fid.py calc can use the same one."""
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
+    extra = dict(detector=np.array(detector)) if detector is not None else {}
     with dnnlib.util.atomic_write(path) as f:
-        np.savez(f, mu=mu, sigma=sigma)
+        np.savez(f, mu=mu, sigma=sigma, **extra)
+
+def detector_for_record(detector_path, stats_path):
+    """How to record a detector in a statistics file: URLs as they are, local files relative to it."""
+    if dnnlib.util.is_url(detector_path, allow_file_urls=True):
+        return detector_path
+    return os.path.relpath(os.path.abspath(detector_path), os.path.dirname(os.path.abspath(stats_path)))
+
+def recorded_detector(detector, stats_path):
+    """Resolve a detector recorded by save_stats: URLs as they are, paths relative to the file."""
+    if detector is None or dnnlib.util.is_url(detector, allow_file_urls=True) or os.path.isabs(detector) or dnnlib.util.is_url(stats_path):
+        return detector
+    return os.path.join(os.path.dirname(os.path.abspath(stats_path)), detector)
 
 #----------------------------------------------------------------------------
