@@ -115,7 +115,7 @@ def test_euler_steps_are_the_default_and_heun_can_be_asked_for(tmp_path):
 @pytest.mark.parametrize('args, message', [
     (['--optimal_denoiser'], '--optimal_denoiser needs --dataset'),
     (['--optimal_denoiser', '--dataset', 'nope.zip'], 'Dataset not found'),
-    ([], 'Missing option --network'),
+    (['--network', 'no-such-network.pkl'], 'Network file not found: no-such-network.pkl'),
     (['--network', 'net.pkl', '--dataset', 'data.zip'], '--dataset is only used with --optimal_denoiser'),
 ])
 def test_bad_optimal_denoiser_options_give_one_line(tmp_path, args, message):
