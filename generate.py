@@ -2,8 +2,9 @@
 
 Flags and outputs are those of NVIDIA EDM's generate.py (for the same pickle and seeds the images
 are identical), plus epsilon scaling (--eps_scaler, --kappa), time-shift sampling
-(--do_time_shift, --cutoff, --window, --ts_rule), the optimal denoiser of a dataset
-(--optimal_denoiser) and named presets (--preset). Run as `python generate.py ...` or
+(--do_time_shift, --cutoff, --window, --ts_rule), discriminator guidance (--discriminator_ckpt,
+--pretrained_classifier_ckpt, --dg_weight_1st_order, ...), the optimal denoiser of a dataset
+(--optimal_denoiser), named presets (--preset) and .npz output for npz-based FID tools (--npz). Run as `python generate.py ...` or
 `torchrun --nproc_per_node=N generate.py ...`.
 """
 
@@ -16,6 +17,7 @@ import tqdm
 from torch_utils import distributed as dist
 from training import checkpoint
 from training import dataset
+from training import discriminator_guidance as dg_lib
 from training import epsilon_scaling
 from training import generation
 from training import optimal_denoiser as optimal_denoiser_lib
@@ -52,6 +54,7 @@ def list_presets(ctx, _param, value):
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT',                                type=click.IntRange(min=1), default=64)
 @click.option('--device',                  help='Device  [default: cuda if available, else cpu]', metavar='cuda|cpu', type=click.Choice(['cuda', 'cpu']), default=None, show_default=False)
 @click.option('--resume',                  help='Skip seeds whose image already exists in --outdir',                is_flag=True)
+@click.option('--npz',                     help='Write samples_*.npz files (uint8 "samples", one-hot "label") instead of PNGs', is_flag=True)
 @click.option('--grid/--no-grid',          help='Also write grid.png of the first 256 seeds  [default: when at most 256 seeds]', default=None, show_default=False)
 
 @click.option('--steps', 'num_steps',      help='Number of sampling steps', metavar='INT',                          type=click.IntRange(min=1), default=18)
@@ -75,14 +78,24 @@ def list_presets(ctx, _param, value):
 @click.option('--window',                  help='Time shift: search window, in steps of the 1000-step grid', metavar='INT', type=int, default=80)
 @click.option('--ts_rule',                 help='Time shift: the authors\' released code or the paper\'s rule', metavar='released|paper', type=click.Choice(['released', 'paper']), default='released')
 
+@click.option('--discriminator_ckpt',      help='Discriminator guidance: discriminator state dict (discriminator_*.pt)', metavar='PT', type=str)
+@click.option('--pretrained_classifier_ckpt', help='Discriminator guidance: ADM feature classifier (32x32_classifier.pt)', metavar='PT', type=str)
+@click.option('--dg_weight_1st_order',     help='Discriminator guidance weight of the Euler evaluation  [default: 1.67 with --discriminator_ckpt, else 0]', metavar='FLOAT', type=click.FloatRange(min=0), show_default=False)
+@click.option('--dg_weight_2nd_order',     help='Discriminator guidance weight of the 2nd-order evaluation', metavar='FLOAT', type=click.FloatRange(min=0), default=0.0)
+@click.option('--time_min',                help='Discriminator guidance: lowest VP time [0, 1] guided', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.01)
+@click.option('--time_max',                help='Discriminator guidance: highest VP time [0, 1] guided', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=1.0)
+@click.option('--boosting',                help='Discriminator guidance: boost samples with log ratio < 0 (DG\'s boosting)', metavar='0|1', type=click.IntRange(min=0, max=1), default=0)
+@click.option('--cond',                    help='Discriminator guidance: the discriminator is class-conditional', metavar='0|1', type=click.IntRange(min=0, max=1), default=0)
+
 @click.option('--optimal_denoiser',        help='Sample with the closed-form denoiser of --dataset, not a network',  is_flag=True)
 @click.option('--dataset', 'dataset_path', help='Images of the optimal denoiser', metavar='ZIP|DIR',                 type=str)
 @click.option('--preset',                  help='Named settings, see --list-presets; explicit flags override them', metavar='NAME', type=click.Choice(list(presets.PRESETS)), show_choices=False)
 @click.option('--list-presets',            help='Print the presets and exit', is_flag=True, expose_value=False, is_eager=True, callback=list_presets)
 
 @click.pass_context
-def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device, resume, grid,
-    eps_scaler, kappa, do_time_shift, cutoff, window, ts_rule, optimal_denoiser, dataset_path, preset, **sampler_kwargs):
+def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device, resume, npz, grid,
+    eps_scaler, kappa, do_time_shift, cutoff, window, ts_rule, discriminator_ckpt, pretrained_classifier_ckpt,
+    dg_weight_1st_order, dg_weight_2nd_order, time_min, time_max, boosting, cond, optimal_denoiser, dataset_path, preset, **sampler_kwargs):
     """Generate random images with EDM's samplers and exposure-bias corrections.
 
     Examples:
@@ -110,6 +123,12 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
     python generate.py --outdir=out --do_time_shift --ts_rule=paper --eps_scaler=1.0006 --network=net.pkl
 
     \b
+    # SEDM-G++: discriminator guidance with epsilon scaling, .npz output for npz-based FID tools
+    torchrun --standalone --nproc_per_node=2 generate.py --network=edm-cifar10-32x32-uncond-vp.pkl \\
+        --outdir=generated_samples --seeds=0-49999 --npz --discriminator_ckpt=discriminator_60.pt \\
+        --pretrained_classifier_ckpt=32x32_classifier.pt --eps_scaler=1.004 --dg_weight_1st_order=1.67
+
+    \b
     # The optimal denoiser of a dataset instead of a network (Euler steps, as Zhang et al.)
     python generate.py --outdir=out --seeds=0-63 --optimal_denoiser --dataset=datasets/cifar10-32x32.zip
     """
@@ -122,6 +141,11 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
         sampler_kwargs['num_steps'] = sampler_kwargs['num_steps'] if given('num_steps') else values.steps
         if values.solver == 'euler' and not given('solver'):
             sampler_kwargs['solver'] = 'euler'
+
+    dg_weight_1st_order = check_guidance_flags(discriminator_ckpt, pretrained_classifier_ckpt, dg_weight_1st_order, dg_weight_2nd_order,
+        time_min, time_max, boosting, cond)
+    if npz and (resume or subdirs or grid):
+        raise click.ClickException('--npz writes samples_*.npz files; --resume, --subdirs and --grid work with PNG output only')
 
     device = dist.init(device)
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -141,12 +165,15 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
                     raise click.ClickException(f'No --network given and the bundled default {network_pkl} is missing')
             dist.print0(f'Loading network from "{network_pkl}"...')
             net = checkpoint.load_network(network_pkl, verbose=(rank == 0))
-    except (checkpoint.CheckpointError, dataset.DatasetError) as e:
+        guidance = load_guidance(net, discriminator_ckpt, pretrained_classifier_ckpt, cond, time_min, time_max) if discriminator_ckpt else None
+    except (checkpoint.CheckpointError, dataset.DatasetError, dg_lib.GuidanceCheckpointError) as e:
         raise click.ClickException(str(e))
     finally:
         if rank == 0:
             dist.barrier()
     net = net.to(device)
+    if guidance is not None:
+        guidance.to(device)
     if class_idx is not None and class_idx >= net.label_dim:
         raise click.ClickException(f'--class={class_idx} is out of range: the network has {net.label_dim} classes' if net.label_dim
             else f'--class={class_idx} given, but the network is unconditional')
@@ -167,7 +194,11 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
 
     def make_denoiser(net, class_labels):
         denoise = sampler_lib.network_denoiser(net, class_labels)
-        return epsilon_scaling.with_epsilon_scaling(denoise, eps_scaler, kappa)
+        denoise = epsilon_scaling.with_epsilon_scaling(denoise, eps_scaler, kappa)
+        if guidance is None: # Guidance goes around epsilon scaling: its term is not scaled (SEDM-G++).
+            return denoise
+        return dg_lib.with_discriminator_guidance(denoise, guidance, class_labels if cond else None, dg_weight_1st_order,
+            dg_weight_2nd_order, boosting=dg_lib.Boosting() if boosting else None)
 
     # Seeds still to do.
     todo = seeds
@@ -181,17 +212,44 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
         sampler_kwargs=sampler_kwargs, make_denoiser=make_denoiser, rank=rank, world_size=world_size)
     num_batches = len(generation.rank_batches(todo, max_batch_size, rank, world_size))
     for batch in tqdm.tqdm(batches, total=num_batches, unit='batch', disable=(rank != 0)):
+        if npz:
+            generation.save_npz(generation.npz_path(outdir, batch.seeds), batch.images, batch.labels, net.label_dim)
+            continue
         for seed, image in zip(batch.seeds, batch.images):
             generation.save_image(generation.image_path(outdir, seed, subdirs), image)
 
     dist.barrier()
-    if (grid if grid is not None else len(seeds) <= 256) and rank == 0:
+    if (grid if grid is not None else len(seeds) <= 256) and rank == 0 and not npz:
         images = [generation.load_image(generation.image_path(outdir, seed, subdirs)) for seed in seeds[:256]]
         generation.save_image_grid(os.path.join(outdir, 'grid.png'), images)
     dist.print0('Done.')
     dist.shutdown()
 
 #----------------------------------------------------------------------------
+
+def check_guidance_flags(discriminator_ckpt, classifier_ckpt, weight_1st, weight_2nd, time_min, time_max, boosting, cond):
+    """Refuse inconsistent discriminator-guidance flags; returns the 1st-order weight to use."""
+    if discriminator_ckpt is None:
+        if weight_1st or weight_2nd:
+            raise click.ClickException('--dg_weight_1st_order/--dg_weight_2nd_order need --discriminator_ckpt=PT and --pretrained_classifier_ckpt=PT')
+        for name, value in [('--pretrained_classifier_ckpt', classifier_ckpt), ('--boosting', boosting), ('--cond', cond)]:
+            if value:
+                raise click.ClickException(f'{name} is for discriminator guidance; add --discriminator_ckpt=PT')
+        return 0.0
+    if classifier_ckpt is None:
+        raise click.ClickException('--discriminator_ckpt needs --pretrained_classifier_ckpt=PT, the ADM classifier whose features it reads')
+    if time_min > time_max:
+        raise click.ClickException(f'--time_min={time_min} is above --time_max={time_max}; guidance would never apply')
+    return 1.67 if weight_1st is None else weight_1st # SEDM-G++'s CIFAR-10 weight.
+
+def load_guidance(net, discriminator_ckpt, classifier_ckpt, cond, time_min, time_max):
+    """The discriminator guidance of the two state dicts, checked against the network."""
+    if cond and not net.label_dim:
+        raise click.ClickException('--cond=1 needs a class-conditional network, but this one is unconditional')
+    dist.print0(f'Loading classifier from "{classifier_ckpt}" and discriminator from "{discriminator_ckpt}"...')
+    classifier = dg_lib.load_classifier(classifier_ckpt, net.img_resolution, net.img_channels)
+    discriminator = dg_lib.load_discriminator(discriminator_ckpt, classifier, cond)
+    return dg_lib.DiscriminatorGuidance(classifier, discriminator, net.img_resolution, time_min=time_min, time_max=time_max)
 
 def load_optimal_denoiser(dataset_path, network_pkl, sampler_kwargs):
     """The optimal denoiser of --dataset, stepped with Euler unless --solver says otherwise."""

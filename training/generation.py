@@ -57,6 +57,19 @@ def save_image(path, image):
     with dnnlib.util.atomic_write(path) as f:
         PIL.Image.fromarray(image[:, :, 0] if mode == 'L' else image, mode).save(f, format='PNG')
 
+def npz_path(outdir, seeds):
+    """One .npz per batch, named after its seeds (`samples_*.npz`, the pattern npz-based tools glob for)."""
+    return os.path.join(outdir, f'samples_{seeds[0]:06d}-{seeds[-1]:06d}.npz')
+
+def save_npz(path, images, labels=None, label_dim=0):
+    """Write uint8 NHWC images as `samples` and, for class-conditional networks, one-hot float32 `label`
+    (as the discriminator-guidance code writes its samples), atomically."""
+    arrays = dict(samples=np.asarray(images, dtype=np.uint8))
+    if labels is not None:
+        arrays['label'] = np.eye(label_dim, dtype=np.float32)[np.asarray(labels)]
+    with dnnlib.util.atomic_write(path) as f:
+        np.savez(f, **arrays)
+
 def load_image(path):
     """PNG -> HWC uint8 array (grayscale as one channel)."""
     image = np.asarray(PIL.Image.open(path))

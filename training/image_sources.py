@@ -47,7 +47,7 @@ class NpzSampleDataset(dataset.Dataset):
         name        = None,     # Dataset name; None = file or folder name without extension.
         max_size    = None,     # Use a random subset of this many images; None = all.
         random_seed = 0,        # Seed that picks the max_size subset.
-        **kwargs,               # use_labels, xflip, cache: as for training.dataset.Dataset (there are no labels).
+        **kwargs,               # use_labels, xflip, cache: as for training.dataset.Dataset (labels: the `label` arrays).
     ):
         self._path = str(path)
         if os.path.isdir(self._path):
@@ -98,7 +98,18 @@ class NpzSampleDataset(dataset.Dataset):
         return self._loaded[1][raw_idx - self._offsets[file_idx]].transpose(2, 0, 1) # HWC => CHW
 
     def _load_raw_labels(self):
-        return None
+        # Class labels, where every file has them: `label` as generate.py --npz and the
+        # discriminator-guidance code write it (one-hot [N, C]) or as class indices [N].
+        labels = []
+        for fname in self._files:
+            with np.load(fname) as npz:
+                if 'label' not in npz.files:
+                    return None
+                labels.append(np.asarray(npz['label']))
+        labels = np.concatenate(labels)
+        if labels.ndim == 1:
+            return labels.astype(np.int64)
+        return labels.reshape(len(labels), -1).astype(np.float32)
 
 #----------------------------------------------------------------------------
 

@@ -116,7 +116,8 @@ def sample(denoise, latents, t_steps, ode=None, solver='heun', randn_like=torch.
 
     t_steps     -- float64 times t_0 > ... > t_{N-1} > t_N = 0 (of the ODE's time variable).
     ode         -- ProbabilityFlowODE; default EDMProbabilityFlowODE().
-    solver      -- 'euler' or 'heun' (2nd order correction on all but the last step).
+    solver      -- 'euler' or 'heun' (2nd order correction on all but the last step). The correction
+                   calls `denoise.second_order` where the denoiser has one, else `denoise`.
     randn_like  -- noise source for churn (per-seed generators in generate.py).
     round_sigma -- snaps noise levels onto those the network supports (iDDPM).
     S_*         -- stochastic churn of EDM Algorithm 2.
@@ -129,6 +130,7 @@ def sample(denoise, latents, t_steps, ode=None, solver='heun', randn_like=torch.
         raise ValueError('time shift works with deterministic sampling only (S_churn=0)')
     num_steps = len(t_steps) - 1
     sigma, s = ode.sigma, ode.s
+    denoise_2nd = getattr(denoise, 'second_order', denoise) # Discriminator guidance leaves the 2nd-order evaluation unguided.
 
     t_next = t_steps[0]
     x_next = latents.to(torch.float64) * (sigma(t_next) * s(t_next))
@@ -156,7 +158,7 @@ def sample(denoise, latents, t_steps, ode=None, solver='heun', randn_like=torch.
         # (equal up to rounding); its arithmetic is kept so images match to the bit.
         if solver == 'heun' and i < num_steps - 1:
             t_prime = t_land if isinstance(ode, EDMProbabilityFlowODE) else t_hat + h
-            denoised = denoise(x_next / s(t_prime), sigma(t_prime), i)
+            denoised = denoise_2nd(x_next / s(t_prime), sigma(t_prime), i)
             d_prime = ode.direction(x_next, t_prime, denoised)
             x_next = x_hat + h * (0.5 * d_cur + 0.5 * d_prime)
 

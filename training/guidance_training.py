@@ -1,0 +1,162 @@
+"""Training the two networks of discriminator guidance (training/discriminator_guidance.py).
+
+- The discriminator (DG Sec. 4): real images (label 1) and the generator's samples (label 0) are
+  diffused to a VP time t drawn by importance sampling (density beta(t) / std(t)^2); the frozen
+  ADM classifier turns them into features, and the discriminator head on those features is
+  trained with binary cross-entropy and Adam (DG's lr 3e-4, weight decay 1e-7).
+- The noise-conditional feature classifier, for data sets without a public one: the same ADM
+  encoder trained with cross-entropy on VP-perturbed images (t uniform, as ADM samples its
+  timesteps). Without labels it learns a self-supervised task instead: which of the four
+  rotations (0, 90, 180, 270 degrees) an image was given, so its features still have to
+  recognize image content at every noise level.
+
+Both write plain state dicts in guided-diffusion's layout, one per epoch, atomically, so DG's own
+code and generate.py --discriminator_ckpt / --pretrained_classifier_ckpt read them alike.
+"""
+
+import os
+
+import numpy as np
+import torch
+import tqdm
+
+import dnnlib
+from training import adm_encoder
+from training import dataset as dataset_lib
+from training import discriminator_guidance as dg
+from training import image_sources
+
+#----------------------------------------------------------------------------
+
+def load_image_set(path, need_labels=False, max_size=None):
+    """(uint8 [N, C, H, W] tensor, labels) of a dataset zip/folder or .npz sample files.
+
+    labels: int64 class indices [N], or None if need_labels is False. DatasetError if unusable.
+    """
+    data = image_sources.open_images(path, max_size=max_size, use_labels=need_labels)
+    if len(data) == 0:
+        raise dataset_lib.DatasetError(f'{path} holds no images')
+    images = torch.from_numpy(np.stack([data[i][0] for i in range(len(data))]))
+    labels = None
+    if need_labels:
+        labels = torch.from_numpy(np.stack([data.get_label(i) for i in range(len(data))])).argmax(dim=1)
+    return images, labels
+
+def has_class_labels(path):
+    """Whether the images at path come with class labels (dataset.json, or `label` arrays in .npz files)."""
+    return image_sources.open_images(path, max_size=1)._load_raw_labels() is not None
+
+def to_model_range(images):
+    """uint8 images -> float32 in [-1, 1] (DG's 2 x - 1 of ToTensor's [0, 1])."""
+    return images.to(torch.float32) / 127.5 - 1
+
+def save_state_dict(path, module):
+    with dnnlib.util.atomic_write(path) as f:
+        torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, f)
+
+def shuffled_batches(num, batch_size, generator):
+    """Index batches of a seeded permutation; the last, short batch is dropped (as DG's loader)."""
+    perm = torch.randperm(num, generator=generator)
+    return [perm[i:i + batch_size] for i in range(0, num - batch_size + 1, batch_size)]
+
+#----------------------------------------------------------------------------
+
+def train_discriminator(classifier, real_images, fake_images, outdir, real_labels=None, fake_labels=None, cond=False,
+    num_classes=1000, epochs=50, batch_size=128, lr=3e-4, weight_decay=1e-7, model_channels=128, num_res_blocks=2,
+    seed=0, device=torch.device('cpu'), progress=True):
+    """Train a discriminator head on `classifier`'s features; writes outdir/discriminator_{epoch}.pt.
+
+    real/fake_images: uint8 [N, C, H, W]; *_labels: int64 [N] (needed when cond). Returns the
+    network and a list of per-epoch dicts with the mean loss and accuracy.
+    """
+    classifier = classifier.to(device).eval().requires_grad_(False)
+    disc = adm_encoder.EncoderUNet(**adm_encoder.discriminator_kwargs(classifier.feature_channels, classifier.feature_resolution,
+        cond=cond, model_channels=model_channels, num_res_blocks=num_res_blocks, num_classes=num_classes)).to(device).train()
+    optimizer = torch.optim.Adam(disc.parameters(), lr=lr, weight_decay=weight_decay)
+    images = torch.cat([real_images, fake_images])
+    targets = torch.cat([torch.ones(len(real_images)), torch.zeros(len(fake_images))])
+    labels = torch.cat([real_labels, fake_labels]) if cond else None
+    gen = torch.Generator().manual_seed(seed)
+    resolution = images.shape[-1]
+    batches = shuffled_batches(len(images), batch_size, gen)
+    if len(batches) == 0:
+        raise ValueError(f'--batch={batch_size} is more than the {len(images)} real and generated images together')
+
+    history = []
+    os.makedirs(outdir, exist_ok=True)
+    for epoch in range(1, epochs + 1):
+        losses, hits, count = 0.0, 0.0, 0
+        bar = tqdm.tqdm(batches, desc=f'epoch {epoch}/{epochs}', unit='batch', disable=not progress)
+        for idx in bar:
+            x0 = to_model_range(images[idx]).to(device)
+            t = dg.sample_importance_time(len(idx), generator=gen).to(device)
+            x_t = dg.diffuse(x0, t, generator=gen)
+            t_in = dg.classifier_time(t, resolution)
+            with torch.no_grad():
+                features = classifier.features(x_t, t_in)
+            logits = disc(features, t_in, labels[idx].to(device) if cond else None).reshape(-1)
+            y = targets[idx].to(device)
+            # BCE of sigmoid(logits), as DG's BCELoss on the sigmoid, without its log(0) clamp.
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses += float(loss) * len(idx)
+            hits += float(((logits > 0).float() == y).float().sum())
+            count += len(idx)
+            bar.set_postfix(loss=f'{losses / count:.4f}', acc=f'{hits / count:.3f}')
+        history.append(dict(epoch=epoch, loss=losses / count, accuracy=hits / count))
+        save_state_dict(os.path.join(outdir, f'discriminator_{epoch}.pt'), disc)
+        batches = shuffled_batches(len(images), batch_size, gen)
+    return disc.eval(), history
+
+#----------------------------------------------------------------------------
+
+def rotate_for_self_supervision(x, generator):
+    """Each image rotated by k * 90 degrees, k uniform in 0..3; returns (images, k)."""
+    k = torch.randint(4, [x.shape[0]], generator=generator)
+    rotated = torch.stack([torch.rot90(img, int(r), dims=(1, 2)) for img, r in zip(x, k)])
+    return rotated, k
+
+def train_classifier(images, outdir, labels=None, epochs=10, batch_size=128, lr=3e-4, weight_decay=0.05,
+    model_channels=128, num_res_blocks=None, t_min=1e-5, seed=0, device=torch.device('cpu'), progress=True):
+    """Train the noise-conditional ADM classifier; writes outdir/classifier_{epoch}.pt.
+
+    images: uint8 [N, C, H, W]; labels: int64 [N], or None for the rotation task (4 outputs).
+    Returns the network and a list of per-epoch dicts with the mean loss and accuracy.
+    """
+    resolution = images.shape[-1]
+    num_outputs = int(labels.max()) + 1 if labels is not None else 4
+    net = adm_encoder.EncoderUNet(**adm_encoder.classifier_kwargs(resolution, model_channels=model_channels,
+        num_res_blocks=num_res_blocks, num_outputs=num_outputs, in_channels=images.shape[1])).to(device).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay) # ADM's classifier optimizer.
+    gen = torch.Generator().manual_seed(seed)
+    if len(shuffled_batches(len(images), batch_size, gen)) == 0:
+        raise ValueError(f'--batch={batch_size} is more than the {len(images)} images')
+
+    history = []
+    os.makedirs(outdir, exist_ok=True)
+    for epoch in range(1, epochs + 1):
+        losses, hits, count = 0.0, 0.0, 0
+        bar = tqdm.tqdm(shuffled_batches(len(images), batch_size, gen), desc=f'epoch {epoch}/{epochs}', unit='batch', disable=not progress)
+        for idx in bar:
+            x0 = to_model_range(images[idx])
+            y = labels[idx] if labels is not None else None
+            if y is None:
+                x0, y = rotate_for_self_supervision(x0, gen)
+            t = torch.rand(len(idx), generator=gen) * (1 - t_min) + t_min
+            x_t = dg.diffuse(x0, t, generator=gen).to(device)
+            logits = net(x_t, dg.classifier_time(t, resolution).to(device))
+            loss = torch.nn.functional.cross_entropy(logits, y.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses += float(loss) * len(idx)
+            hits += float((logits.argmax(dim=1).cpu() == y).float().sum())
+            count += len(idx)
+            bar.set_postfix(loss=f'{losses / count:.4f}', acc=f'{hits / count:.3f}')
+        history.append(dict(epoch=epoch, loss=losses / count, accuracy=hits / count))
+        save_state_dict(os.path.join(outdir, f'classifier_{epoch}.pt'), net)
+    return net.eval(), history
+
+#----------------------------------------------------------------------------
