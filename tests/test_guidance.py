@@ -258,3 +258,130 @@ def test_boosting_doubles_the_weight_of_unrealistic_samples_on_even_steps():
     assert boosting.weight_factor(1, log_r).tolist() == [1.0, 1.0, 1.0]
     assert boosting.churn_mask(5).tolist() == [True, False, False]
     assert boosting.churn_mask(3) is None
+
+#----------------------------------------------------------------------------
+# The command lines.
+
+def invoke(main, *args):
+    from click.testing import CliRunner
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+def generate_ok(*args):
+    result = invoke(generate.main, '--device=cpu', *args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+def read_npz(folder):
+    files = sorted(f for f in os.listdir(folder) if f.startswith('samples_') and f.endswith('.npz'))
+    arrays = [np.load(os.path.join(folder, f)) for f in files]
+    samples = np.concatenate([a['samples'] for a in arrays])
+    labels = np.concatenate([a['label'] for a in arrays]) if 'label' in arrays[0].files else None
+    return samples, labels
+
+def test_npz_output_holds_the_png_pixels_and_one_hot_labels(tmp_path, cond_net_pkl):
+    generate_ok('--network', cond_net_pkl, '--outdir', tmp_path / 'png', '--seeds=0-5', '--steps=3', '--no-grid')
+    generate_ok('--network', cond_net_pkl, '--outdir', tmp_path / 'npz', '--seeds=0-5', '--steps=3', '--batch=4', '--npz')
+    assert sorted(os.listdir(tmp_path / 'npz')) == ['samples_000000-000002.npz', 'samples_000003-000005.npz'] # EDM's split of 6 seeds into batches of at most 4.
+    samples, labels = read_npz(tmp_path / 'npz')
+    pngs = np.stack([generation.load_image(tmp_path / 'png' / f'{seed:06d}.png') for seed in range(6)])
+    assert samples.dtype == np.uint8 and np.array_equal(samples, pngs)
+    assert labels.shape == (6, 4) and np.array_equal(labels.sum(axis=1), np.ones(6))
+
+def test_zero_guidance_weight_on_the_command_line_changes_no_pixel(tmp_path, cond_net_pkl):
+    cls_path, disc_path = save_pair(tmp_path)
+    common = ['--network', cond_net_pkl, '--seeds=0-3', '--steps=4', '--no-grid']
+    generate_ok(*common, '--outdir', tmp_path / 'plain')
+    generate_ok(*common, '--outdir', tmp_path / 'zero', '--discriminator_ckpt', disc_path, '--pretrained_classifier_ckpt', cls_path, '--dg_weight_1st_order=0')
+    generate_ok(*common, '--outdir', tmp_path / 'guided', '--discriminator_ckpt', disc_path, '--pretrained_classifier_ckpt', cls_path, '--time_min=0', '--dg_weight_1st_order=20')
+    for seed in range(4):
+        name = f'{seed:06d}.png'
+        plain = (tmp_path / 'plain' / name).read_bytes()
+        assert (tmp_path / 'zero' / name).read_bytes() == plain
+    assert any((tmp_path / 'guided' / f'{s:06d}.png').read_bytes() != (tmp_path / 'plain' / f'{s:06d}.png').read_bytes() for s in range(4))
+
+@pytest.fixture
+def bad_guidance_files(tmp_path):
+    cls_path, disc_path = save_pair(tmp_path)
+    (tmp_path / 'c').mkdir()
+    _cond_cls, cond_disc = save_pair(tmp_path / 'c', cond=True)
+    broken = dict(torch.load(disc_path))
+    del broken['middle_block.1.qkv.bias']
+    broken['out.2.c_proj.bias'] = torch.zeros(3)
+    torch.save(broken, tmp_path / 'broken.pt')
+    (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+    return dict(cls=cls_path, disc=disc_path, cond_disc=cond_disc, broken=str(tmp_path / 'broken.pt'), junk=str(tmp_path / 'junk.pt'))
+
+@pytest.mark.parametrize('args,message', [
+    (['--dg_weight_1st_order=1.67'], 'need --discriminator_ckpt'),
+    (['--discriminator_ckpt={disc}'], 'needs --pretrained_classifier_ckpt'),
+    (['--discriminator_ckpt={disc}', '--pretrained_classifier_ckpt={cls}', '--time_min=0.6', '--time_max=0.4'], 'is above --time_max'),
+    (['--discriminator_ckpt={disc}', '--pretrained_classifier_ckpt={cls}', '--cond=1', '--net=uncond'], '--cond=1 needs a class-conditional network'),
+    (['--discriminator_ckpt={disc}', '--pretrained_classifier_ckpt={cls}', '--cond=1'], 'is an unconditional discriminator'),
+    (['--discriminator_ckpt={cond_disc}', '--pretrained_classifier_ckpt={cls}'], 'pass --cond=1'),
+    (['--discriminator_ckpt={broken}', '--pretrained_classifier_ckpt={cls}'], 'missing keys: middle_block.1.qkv.bias; wrong shapes: out.2.c_proj.bias is [3], expected [1]'),
+    (['--discriminator_ckpt={cls}', '--pretrained_classifier_ckpt={disc}'], 'takes 16-channel input'),
+    (['--discriminator_ckpt={junk}', '--pretrained_classifier_ckpt={cls}'], 'is not a readable discriminator state dict'),
+    (['--discriminator_ckpt=nowhere.pt', '--pretrained_classifier_ckpt={cls}'], 'discriminator file not found: nowhere.pt'),
+    (['--npz', '--resume'], '--resume, --subdirs and --grid work with PNG output only'),
+])
+def test_bad_guidance_input_gets_one_clear_line(tmp_path, bad_guidance_files, cond_net_pkl, uncond_net_pkl, args, message):
+    net = uncond_net_pkl if '--net=uncond' in args else cond_net_pkl
+    args = [a.format(**bad_guidance_files) for a in args if a != '--net=uncond']
+    out = tmp_path / 'out'
+    result = invoke(generate.main, '--device=cpu', f'--network={net}', f'--outdir={out}', '--seeds=0-1', '--steps=2', *args)
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), repr(result.exception)
+    error_lines = [line for line in result.output.splitlines() if line.startswith('Error')]
+    assert len(error_lines) == 1 and message in error_lines[0], result.output
+    assert not out.exists()
+
+#----------------------------------------------------------------------------
+# End to end on CPU: classifier, samples, discriminator, guided sampling with epsilon scaling.
+
+def write_labelled_folder(folder, images, labels):
+    write_image_folder(folder, images)
+    import json
+    with open(os.path.join(folder, 'dataset.json'), 'w') as f:
+        json.dump({'labels': [[f'{i:06d}.png', int(label)] for i, label in enumerate(labels)]}, f)
+    return str(folder)
+
+def test_tiny_end_to_end_run(tmp_path, uncond_net_pkl):
+    import train_classifier
+    import train_discriminator
+    real = write_image_folder(tmp_path / 'real', random_images(48, resolution=8, seed=5))
+    result = invoke(train_classifier.main, '--data', real, '--outdir', tmp_path / 'cls', '--epochs=1', '--batch=16', '--width=16', '--depth=1', '--device=cpu')
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert 'learning rotation' in result.output and os.path.isfile(tmp_path / 'cls' / 'classifier_1.pt')
+    cls_path = str(tmp_path / 'cls' / 'classifier_1.pt')
+
+    generate_ok('--network', uncond_net_pkl, '--outdir', tmp_path / 'fake', '--seeds=0-47', '--steps=3', '--npz')
+    result = invoke(train_discriminator.main, '--real', real, '--fake', tmp_path / 'fake', '--outdir', tmp_path / 'disc',
+        '--pretrained_classifier_ckpt', cls_path, '--epochs=1', '--batch=16', '--width=16', '--depth=1', '--device=cpu')
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert 'Training on 48 real and 48 generated images' in result.output
+    assert sorted(os.listdir(tmp_path / 'disc')) == ['discriminator_1.pt']
+
+    guided_args = ['--network', uncond_net_pkl, '--seeds=0-7', '--steps=3', '--npz', '--pretrained_classifier_ckpt', cls_path,
+        '--discriminator_ckpt', tmp_path / 'disc' / 'discriminator_1.pt', '--eps_scaler=1.004', '--time_min=0']
+    generate_ok(*guided_args, '--outdir', tmp_path / 'guided', '--dg_weight_1st_order=50')
+    generate_ok(*guided_args, '--outdir', tmp_path / 'unguided', '--dg_weight_1st_order=0')
+    guided, _ = read_npz(tmp_path / 'guided')
+    unguided, _ = read_npz(tmp_path / 'unguided')
+    assert guided.shape == (8, 8, 8, 3) and not np.array_equal(guided, unguided)
+
+def test_class_conditional_discriminator_from_labelled_real_and_npz_samples(tmp_path, cond_net_pkl):
+    import train_discriminator
+    real = write_labelled_folder(tmp_path / 'real', random_images(32, resolution=8, seed=6), np.arange(32) % 4)
+    cls_path, _ = save_pair(tmp_path)
+    generate_ok('--network', cond_net_pkl, '--outdir', tmp_path / 'fake', '--seeds=0-31', '--steps=3', '--npz')
+    result = invoke(train_discriminator.main, '--real', real, '--fake', tmp_path / 'fake', '--outdir', tmp_path / 'disc', '--cond=1',
+        '--pretrained_classifier_ckpt', cls_path, '--epochs=2', '--batch=16', '--width=16', '--depth=1', '--device=cpu')
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert sorted(os.listdir(tmp_path / 'disc')) == ['discriminator_1.pt', 'discriminator_2.pt']
+    generate_ok('--network', cond_net_pkl, '--outdir', tmp_path / 'guided', '--seeds=0-3', '--steps=3', '--cond=1', '--kappa=0.001',
+        '--pretrained_classifier_ckpt', cls_path, '--discriminator_ckpt', tmp_path / 'disc' / 'discriminator_2.pt', '--boosting=1')
+    assert len([f for f in os.listdir(tmp_path / 'guided') if f.endswith('.png')]) == 5 # Four seeds and the grid.
+    unlabelled = write_image_folder(tmp_path / 'unlabelled', random_images(8, resolution=8))
+    result = invoke(train_discriminator.main, '--real', unlabelled, '--fake', tmp_path / 'fake', '--outdir', tmp_path / 'nope', '--cond=1',
+        '--pretrained_classifier_ckpt', cls_path, '--device=cpu')
+    assert result.exit_code != 0 and 'Error: ' in result.output and '--cond=1 needs labels' in result.output
+    assert not (tmp_path / 'nope').exists()
