@@ -144,6 +144,8 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
 
     dg_weight_1st_order = check_guidance_flags(discriminator_ckpt, pretrained_classifier_ckpt, dg_weight_1st_order, dg_weight_2nd_order,
         time_min, time_max, boosting, cond)
+    if boosting and do_time_shift:
+        raise click.ClickException('--boosting adds churn per sample, which --do_time_shift does not support; use one of them')
     if npz and (resume or subdirs or grid):
         raise click.ClickException('--npz writes samples_*.npz files; --resume, --subdirs and --grid work with PNG output only')
 

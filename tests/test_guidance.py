@@ -323,6 +323,8 @@ def bad_guidance_files(tmp_path):
     (['--discriminator_ckpt={junk}', '--pretrained_classifier_ckpt={cls}'], 'is not a readable discriminator state dict'),
     (['--discriminator_ckpt=nowhere.pt', '--pretrained_classifier_ckpt={cls}'], 'discriminator file not found: nowhere.pt'),
     (['--npz', '--resume'], '--resume, --subdirs and --grid work with PNG output only'),
+    (['--discriminator_ckpt={disc}', '--pretrained_classifier_ckpt={cls}', '--boosting=1', '--do_time_shift'], 'which --do_time_shift does not support'),
+    (['--boosting=1'], '--boosting is for discriminator guidance; add --discriminator_ckpt'),
 ])
 def test_bad_guidance_input_gets_one_clear_line(tmp_path, bad_guidance_files, cond_net_pkl, uncond_net_pkl, args, message):
     net = uncond_net_pkl if '--net=uncond' in args else cond_net_pkl
@@ -385,3 +387,19 @@ def test_class_conditional_discriminator_from_labelled_real_and_npz_samples(tmp_
         '--pretrained_classifier_ckpt', cls_path, '--device=cpu')
     assert result.exit_code != 0 and 'Error: ' in result.output and '--cond=1 needs labels' in result.output
     assert not (tmp_path / 'nope').exists()
+
+@pytest.mark.parametrize('bias,changes', [(-100.0, True), (100.0, False)])
+def test_boosting_adds_churn_only_to_samples_the_discriminator_rejects(bias, changes):
+    # A saturated discriminator: log r is clamped, so its gradient (the guidance term) is zero and
+    # only boosting's churn at step 5 can change the result, and only where log r < 0.
+    net = make_tiny_net()
+    classifier, disc = tiny_pair()
+    with torch.no_grad():
+        disc.out[2].c_proj.bias.fill_(bias)
+    guidance = dg.DiscriminatorGuidance(classifier, disc, img_resolution=8, time_min=0, time_max=1)
+    latents = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    noise = lambda: sampler.StackedRandomGenerator('cpu', [0, 1, 2, 3]).randn_like
+    plain = sampler.edm_sampler(net, latents, num_steps=7, randn_like=noise())
+    denoise = dg.with_discriminator_guidance(sampler.network_denoiser(net), guidance, weight_1st_order=1.0, boosting=dg.Boosting())
+    boosted = sampler.edm_sampler(net, latents, num_steps=7, randn_like=noise(), denoise=denoise)
+    assert torch.equal(boosted, plain) != changes

@@ -175,6 +175,14 @@ class Boosting:
             return None
         return self.last_log_ratio < 0
 
+    def churn(self, step, S_churn, S_noise):
+        """Per-sample (S_churn, S_noise) for the sampler's churn of this step, or None for the usual churn."""
+        mask = self.churn_mask(step)
+        if mask is None or not mask.any():
+            return None
+        return (torch.where(mask, self.S_CHURN, float(S_churn)).to(torch.float64),
+            torch.where(mask, 1.0, float(S_noise)).to(torch.float64))
+
 def with_discriminator_guidance(denoise, guidance, class_labels=None, weight_1st_order=1.0, weight_2nd_order=0.0, boosting=None):
     """Wrap a denoiser (x, sigma, step) -> D so that its Euler evaluations return D - w c (see above).
 
@@ -194,6 +202,8 @@ def with_discriminator_guidance(denoise, guidance, class_labels=None, weight_1st
         return denoise_guided
     first = guided(weight_1st_order, True) if weight_1st_order != 0 else (lambda x, sigma, step: denoise(x, sigma, step))
     first.second_order = guided(weight_2nd_order, False) if weight_2nd_order != 0 else denoise
+    if boosting is not None:
+        first.churn = boosting.churn
     return first
 
 #----------------------------------------------------------------------------

@@ -118,6 +118,8 @@ def sample(denoise, latents, t_steps, ode=None, solver='heun', randn_like=torch.
     ode         -- ProbabilityFlowODE; default EDMProbabilityFlowODE().
     solver      -- 'euler' or 'heun' (2nd order correction on all but the last step). The correction
                    calls `denoise.second_order` where the denoiser has one, else `denoise`.
+                   A denoiser may also have `churn(step, S_churn, S_noise)` returning per-sample
+                   (S_churn, S_noise) tensors [N] for a step, or None for the usual churn.
     randn_like  -- noise source for churn (per-seed generators in generate.py).
     round_sigma -- snaps noise levels onto those the network supports (iDDPM).
     S_*         -- stochastic churn of EDM Algorithm 2.
@@ -131,6 +133,9 @@ def sample(denoise, latents, t_steps, ode=None, solver='heun', randn_like=torch.
     num_steps = len(t_steps) - 1
     sigma, s = ode.sigma, ode.s
     denoise_2nd = getattr(denoise, 'second_order', denoise) # Discriminator guidance leaves the 2nd-order evaluation unguided.
+    churn_hook = getattr(denoise, 'churn', None)
+    if churn_hook is not None and time_shift is not None:
+        raise ValueError('per-sample churn (boosting) and time shift cannot be combined')
 
     t_next = t_steps[0]
     x_next = latents.to(torch.float64) * (sigma(t_next) * s(t_next))
@@ -144,8 +149,13 @@ def sample(denoise, latents, t_steps, ode=None, solver='heun', randn_like=torch.
         # step, as in EDM, so that each seed's random stream does not depend on
         # S_min/S_max.
         gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_churn > 0 and S_min <= sigma(t_cur) <= S_max else 0
+        noise_scale = S_noise
+        per_sample = churn_hook(i, S_churn, S_noise) if churn_hook is not None else None
+        if per_sample is not None: # Per-sample (S_churn, S_noise), e.g. boosting of discriminator guidance.
+            churn, noise_scale = (v.to(torch.float64).reshape(-1, 1, 1, 1) for v in per_sample)
+            gamma = (churn / num_steps).clip(max=np.sqrt(2) - 1) * float(S_min <= sigma(t_cur) <= S_max)
         t_hat = ode.sigma_inv(round_sigma(sigma(t_cur) + gamma * sigma(t_cur)))
-        x_hat = s(t_hat) / s(t_cur) * x_cur + (sigma(t_hat) ** 2 - sigma(t_cur) ** 2).clip(min=0).sqrt() * s(t_hat) * S_noise * randn_like(x_cur)
+        x_hat = s(t_hat) / s(t_cur) * x_cur + (sigma(t_hat) ** 2 - sigma(t_cur) ** 2).clip(min=0).sqrt() * s(t_hat) * noise_scale * randn_like(x_cur)
 
         # Euler step.
         h = t_land - t_hat
