@@ -403,3 +403,40 @@ def test_boosting_adds_churn_only_to_samples_the_discriminator_rejects(bias, cha
     denoise = dg.with_discriminator_guidance(sampler.network_denoiser(net), guidance, weight_1st_order=1.0, boosting=dg.Boosting())
     boosted = sampler.edm_sampler(net, latents, num_steps=7, randn_like=noise(), denoise=denoise)
     assert torch.equal(boosted, plain) != changes
+
+def test_the_seed_command_on_two_torchrun_ranks_matches_one_process(tmp_path, uncond_net_pkl):
+    import sys
+    cls_path, disc_path = save_pair(tmp_path)
+    flags = [f'--network={uncond_net_pkl}', '--seeds=0-5', '--batch=2', '--steps=3', f'--discriminator_ckpt={disc_path}',
+        f'--pretrained_classifier_ckpt={cls_path}', '--eps_scaler=1.004', '--dg_weight_1st_order=1.67', '--npz']
+    generate_ok(*flags, '--outdir', tmp_path / 'single')
+    result = run_cli([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'generate.py',
+        '--device=cpu', *flags, f'--outdir={tmp_path / "ranks"}'])
+    assert result.returncode == 0, result.stderr
+    single, _ = read_npz(tmp_path / 'single')
+    ranks, _ = read_npz(tmp_path / 'ranks')
+    assert single.shape == (6, 8, 8, 3) and np.array_equal(single, ranks)
+
+@pytest.mark.parametrize('args,message', [
+    (['--batch=64'], 'is more than the 16 real and generated images together'),
+    (['--pretrained_classifier_ckpt={disc}'], 'takes 16-channel input'),
+    (['--fake={big}'], 'they must match'),
+    (['--real={tmp}/nowhere'], 'not found'),
+])
+def test_bad_discriminator_training_input_gets_one_clear_line(tmp_path, args, message):
+    import train_discriminator
+    cls_path, disc_path = save_pair(tmp_path)
+    real = write_image_folder(tmp_path / 'real', random_images(8, resolution=8, seed=1))
+    fake = write_image_folder(tmp_path / 'fake', random_images(8, resolution=8, seed=2))
+    big = write_image_folder(tmp_path / 'big', random_images(8, resolution=16, seed=3))
+    given = dict(real=real, fake=fake, pretrained_classifier_ckpt=cls_path)
+    for arg in args:
+        name, value = arg[2:].split('=', 1)
+        given[name] = value.format(disc=disc_path, big=big, tmp=tmp_path)
+    extra = [a for a in args if a.startswith('--batch')]
+    result = invoke(train_discriminator.main, *[f'--{k}={v}' for k, v in given.items() if k != 'batch'], *extra,
+        f'--outdir={tmp_path / "out"}', '--width=16', '--depth=1', '--device=cpu')
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), repr(result.exception)
+    error_lines = [line for line in result.output.splitlines() if line.startswith('Error')]
+    assert len(error_lines) == 1 and message in error_lines[0], result.output
+    assert not (tmp_path / 'out').exists()
