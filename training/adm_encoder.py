@@ -253,7 +253,7 @@ def infer_kwargs(state_dict, img_resolution):
     num_blocks = 1 + max(int(k.split('.')[1]) for k in state_dict if k.startswith('input_blocks.'))
     num_res_blocks, rest = divmod(num_blocks - 1 - (num_levels - 1), num_levels)
     if rest or num_res_blocks < 1:
-        raise ValueError(f'its {num_blocks} input blocks do not make {num_levels} levels for {img_resolution}x{img_resolution} inputs')
+        raise ValueError(f'its {num_blocks} input blocks do not make {num_levels} levels for {img_resolution}x{img_resolution} inputs; is it for another image size?')
     channel_mult, attn_resolutions = [], []
     for level in range(num_levels):
         first = 1 + level * (num_res_blocks + 1) # The level's first residual block.

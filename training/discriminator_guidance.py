@@ -226,6 +226,10 @@ def load_state_dict_file(path, what):
         raise GuidanceCheckpointError(f'{path} does not hold a {what} state dict (a dict of tensors)')
     return state
 
+def input_channels(state):
+    weight = state.get('input_blocks.0.0.weight')
+    return weight.shape[1] if weight is not None and weight.ndim == 4 else None
+
 def build_encoder(state, img_resolution, path, what):
     """An EncoderUNet holding `state` (strict), in eval mode without gradients."""
     try:
@@ -244,19 +248,20 @@ def build_encoder(state, img_resolution, path, what):
 def load_classifier(path, img_resolution, img_channels):
     """The ADM feature extractor for img_resolution x img_resolution images with img_channels channels."""
     state = load_state_dict_file(path, 'classifier')
-    net = build_encoder(state, img_resolution, path, 'ADM classifier')
-    if net.in_channels != img_channels:
-        raise GuidanceCheckpointError(f'{path} takes {net.in_channels}-channel input (input_blocks.0.0.weight), but the images have {img_channels} channels'
-            + ('; is it a discriminator? pass it as --discriminator_ckpt' if net.in_channels == 512 else ''))
-    return net
+    channels = input_channels(state)
+    if channels is not None and channels != img_channels:
+        raise GuidanceCheckpointError(f'{path} takes {channels}-channel input (input_blocks.0.0.weight), but the images have {img_channels} channels'
+            + ('; is it a discriminator? pass it as --discriminator_ckpt' if channels == 512 else ''))
+    return build_encoder(state, img_resolution, path, 'ADM classifier')
 
 def load_discriminator(path, classifier, cond):
     """The discriminator head on `classifier`'s features; `cond` must say whether it has a class embedding."""
     state = load_state_dict_file(path, 'discriminator')
+    channels = input_channels(state)
+    if channels is not None and channels != classifier.feature_channels:
+        raise GuidanceCheckpointError(f'{path} takes {channels}-channel features (input_blocks.0.0.weight), but the classifier gives '
+            f'{classifier.feature_channels}' + ('; is it the classifier? pass it as --pretrained_classifier_ckpt' if channels in (1, 3) else ''))
     net = build_encoder(state, classifier.feature_resolution, path, 'discriminator')
-    if net.in_channels != classifier.feature_channels:
-        raise GuidanceCheckpointError(f'{path} takes {net.in_channels}-channel features (input_blocks.0.0.weight), but the classifier gives '
-            f'{classifier.feature_channels}' + ('; is it the classifier? pass it as --pretrained_classifier_ckpt' if net.in_channels in (1, 3) else ''))
     if net.out[2].c_proj.out_channels != 1:
         raise GuidanceCheckpointError(f'{path} has {net.out[2].c_proj.out_channels} outputs (out.2.c_proj.weight); a discriminator has 1')
     if bool(net.num_classes) != bool(cond):

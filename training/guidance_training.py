@@ -36,7 +36,8 @@ def load_image_set(path, need_labels=False, max_size=None):
     data = image_sources.open_images(path, max_size=max_size, use_labels=need_labels)
     if len(data) == 0:
         raise dataset_lib.DatasetError(f'{path} holds no images')
-    images = torch.from_numpy(np.stack([data[i][0] for i in range(len(data))]))
+    images = torch.from_numpy(np.stack([data[i][0] for i in tqdm.trange(len(data), desc=f'reading {os.path.basename(str(path).rstrip("/"))}',
+        unit='img', disable=len(data) < 5000)]))
     labels = None
     if need_labels:
         labels = torch.from_numpy(np.stack([data.get_label(i) for i in range(len(data))])).argmax(dim=1)
