@@ -460,3 +460,16 @@ def test_the_discriminator_learns_to_tell_real_from_generated_images(tmp_path):
     sigma = torch.tensor(0.05, dtype=torch.float64)
     real_x, fake_x = (guidance_training.to_model_range(images).to(torch.float64) for images in (real, fake))
     assert guidance.log_ratio(real_x, sigma).mean() > guidance.log_ratio(fake_x, sigma).mean()
+
+def test_at_64_px_the_networks_see_the_cosine_schedule_time():
+    classifier = tiny_encoder(adm_encoder.classifier_kwargs(64, model_channels=16, num_res_blocks=1, num_outputs=4), seed=1)
+    disc = tiny_encoder(adm_encoder.discriminator_kwargs(classifier.feature_channels, classifier.feature_resolution,
+        model_channels=16, num_res_blocks=1), seed=2)
+    guidance = dg.DiscriminatorGuidance(classifier, disc, img_resolution=64)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    sigma = torch.tensor(0.5, dtype=torch.float64)
+    t = dg.vp_time_from_sigma(sigma).expand(2)
+    x_vp = (dg.vp_marginal(t)[0][:, None, None, None] * x).to(torch.float32)
+    by_hand = lambda time: disc(classifier.features(x_vp, time.float()), time.float()).reshape(-1)
+    assert torch.allclose(guidance.log_ratio(x, sigma), by_hand(dg.cosine_time_from_linear(t)), atol=1e-6)
+    assert not torch.allclose(guidance.log_ratio(x, sigma), by_hand(t), atol=1e-4)
