@@ -3,9 +3,9 @@
 Flags and outputs are those of NVIDIA EDM's generate.py (for the same pickle and seeds the images
 are identical), plus epsilon scaling (--eps_scaler, --kappa), time-shift sampling
 (--do_time_shift, --cutoff, --window, --ts_rule), discriminator guidance (--discriminator_ckpt,
---pretrained_classifier_ckpt, --dg_weight_1st_order, ...), the optimal denoiser of a dataset
-(--optimal_denoiser), named presets (--preset) and .npz output for npz-based FID tools (--npz). Run as `python generate.py ...` or
-`torchrun --nproc_per_node=N generate.py ...`.
+--pretrained_classifier_ckpt, --dg_weight_1st_order, ...; docs/guidance.md), the optimal denoiser
+of a dataset (--optimal_denoiser), named presets (--preset) and .npz output for npz-based FID tools
+(--npz). Run as `python generate.py ...` or `torchrun --nproc_per_node=N generate.py ...`.
 """
 
 import os
