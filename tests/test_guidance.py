@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import generate
-from conftest import make_tiny_net, run_cli, save_tiny_snapshot
+from conftest import make_tiny_net, run_cli
 from tiny_models import random_images, write_image_folder
 from training import adm_encoder
 from training import discriminator_guidance as dg

@@ -19,7 +19,6 @@ Time is VP time t in [0, 1]; the network sees 999 t, as the DG code feeds it.
 import math
 
 import torch
-from torch.nn.functional import silu
 
 #----------------------------------------------------------------------------
 
