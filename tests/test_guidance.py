@@ -1,12 +1,17 @@
 """Discriminator guidance (DG, SEDM-G++): networks, the guidance term, the sampler part, the CLIs."""
 
+import json
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 import generate
+import train_classifier
+import train_discriminator
 from conftest import make_tiny_net, run_cli
 from tiny_models import random_images, write_image_folder
 from training import adm_encoder
@@ -263,7 +268,6 @@ def test_boosting_doubles_the_weight_of_unrealistic_samples_on_even_steps():
 # The command lines.
 
 def invoke(main, *args):
-    from click.testing import CliRunner
     return CliRunner().invoke(main, [str(a) for a in args])
 
 def generate_ok(*args):
@@ -341,14 +345,11 @@ def test_bad_guidance_input_gets_one_clear_line(tmp_path, bad_guidance_files, co
 
 def write_labelled_folder(folder, images, labels):
     write_image_folder(folder, images)
-    import json
     with open(os.path.join(folder, 'dataset.json'), 'w') as f:
         json.dump({'labels': [[f'{i:06d}.png', int(label)] for i, label in enumerate(labels)]}, f)
     return str(folder)
 
 def test_tiny_end_to_end_run(tmp_path, uncond_net_pkl):
-    import train_classifier
-    import train_discriminator
     real = write_image_folder(tmp_path / 'real', random_images(48, resolution=8, seed=5))
     result = invoke(train_classifier.main, '--data', real, '--outdir', tmp_path / 'cls', '--epochs=1', '--batch=16', '--width=16', '--depth=1', '--device=cpu')
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -371,7 +372,6 @@ def test_tiny_end_to_end_run(tmp_path, uncond_net_pkl):
     assert guided.shape == (8, 8, 8, 3) and not np.array_equal(guided, unguided)
 
 def test_class_conditional_discriminator_from_labelled_real_and_npz_samples(tmp_path, cond_net_pkl):
-    import train_discriminator
     real = write_labelled_folder(tmp_path / 'real', random_images(32, resolution=8, seed=6), np.arange(32) % 4)
     cls_path, _ = save_pair(tmp_path)
     generate_ok('--network', cond_net_pkl, '--outdir', tmp_path / 'fake', '--seeds=0-31', '--steps=3', '--npz')
@@ -405,7 +405,6 @@ def test_boosting_adds_churn_only_to_samples_the_discriminator_rejects(bias, cha
     assert torch.equal(boosted, plain) != changes
 
 def test_the_seed_command_on_two_torchrun_ranks_matches_one_process(tmp_path, uncond_net_pkl):
-    import sys
     cls_path, disc_path = save_pair(tmp_path)
     flags = [f'--network={uncond_net_pkl}', '--seeds=0-5', '--batch=2', '--steps=3', f'--discriminator_ckpt={disc_path}',
         f'--pretrained_classifier_ckpt={cls_path}', '--eps_scaler=1.004', '--dg_weight_1st_order=1.67', '--npz']
@@ -424,7 +423,6 @@ def test_the_seed_command_on_two_torchrun_ranks_matches_one_process(tmp_path, un
     (['--real={tmp}/nowhere'], 'not found'),
 ])
 def test_bad_discriminator_training_input_gets_one_clear_line(tmp_path, args, message):
-    import train_discriminator
     cls_path, disc_path = save_pair(tmp_path)
     real = write_image_folder(tmp_path / 'real', random_images(8, resolution=8, seed=1))
     fake = write_image_folder(tmp_path / 'fake', random_images(8, resolution=8, seed=2))
