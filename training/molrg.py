@@ -74,25 +74,29 @@ def save_molrg(path, molrg):
         torch.save(molrg, f)
 
 def load_molrg(path):
-    """A dataset file (ours or the authors') -> EasyDict with the tensors in this codebase's layout:
-
-    bases  [K, D, d] float64 with D in C, H, W order (x.reshape(N, -1) of an NCHW image),
-    images [N, 3, res, res] float32, labels [N] int64, plus resolution, class_num, per_class_dim,
-    sample_per_class and seed (None in the authors' files). DatasetError for anything unusable.
-    """
+    """A dataset file (ours or the authors') -> molrg_tensors() of its contents; DatasetError for anything unusable."""
     if not os.path.isfile(path):
         raise dataset_lib.DatasetError(f'MoLRG dataset not found: {path}')
     try:
         raw = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e: # A damaged or foreign file fails to unpickle in many ways.
         raise dataset_lib.DatasetError(f'Cannot read MoLRG dataset {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from e
+    return molrg_tensors(raw, where=path)
+
+def molrg_tensors(raw, where='MoLRG data'):
+    """A dataset dict in the authors' format -> EasyDict with the tensors in this codebase's layout:
+
+    bases  [K, D, d] float64 with D in C, H, W order (x.reshape(N, -1) of an NCHW image),
+    images [N, 3, res, res] float32, labels [N] int64, plus resolution, class_num, per_class_dim,
+    sample_per_class and seed (None in the authors' files).
+    """
     missing = [key for key in ('basis', 'data', 'conds') if not isinstance(raw, dict) or key not in raw]
     if missing:
-        raise dataset_lib.DatasetError(f'{path} is not a MoLRG dataset: no {", ".join(missing)} in it')
+        raise dataset_lib.DatasetError(f'{where} is not a MoLRG dataset: no {", ".join(missing)} in it')
     basis, data, conds = raw['basis'], raw['data'], raw['conds'].to(torch.int64).reshape(-1)
     if basis.ndim != 3 or data.ndim != 4 or data.shape[1] != data.shape[2] or data.shape[3] != 3 or len(conds) != len(data) \
             or basis.shape[1] != data[0].numel() or (len(conds) and not 0 <= int(conds.min()) <= int(conds.max()) < basis.shape[0]):
-        raise dataset_lib.DatasetError(f'{path}: inconsistent MoLRG tensors (basis {list(basis.shape)}, data {list(data.shape)}, conds {list(conds.shape)})')
+        raise dataset_lib.DatasetError(f'{where}: inconsistent MoLRG tensors (basis {list(basis.shape)}, data {list(data.shape)}, conds {list(conds.shape)})')
     class_num, dim, per_class_dim = basis.shape
     resolution = data.shape[1]
     bases = basis.to(torch.float64).reshape(class_num, resolution, resolution, 3, per_class_dim).permute(0, 3, 1, 2, 4).reshape(class_num, dim, per_class_dim)
