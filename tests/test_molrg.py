@@ -1,8 +1,10 @@
-"""Low-rank Gaussian mixture data (training/molrg.py), its exact denoiser, and trainMoLRG.py."""
+"""Low-rank Gaussian mixture data (training/molrg.py), its exact denoiser, trainMoLRG.py, and the EDM/CDM speed benchmark."""
 
 import json
 import math
 import os
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from click.testing import CliRunner
 import generate
 import jacobian
 import trainMoLRG
+from conftest import REPO, run_cli
 from training import checkpoint
 from training import jacobian_rank
 from training import molrg
@@ -93,7 +96,10 @@ def test_an_existing_file_with_another_seed_is_not_silently_reused(small):
 def test_unreadable_files_are_dataset_errors(tmp_path):
     (tmp_path / 'junk.pt').write_bytes(b'not a torch file')
     torch.save(dict(data=torch.zeros(1)), tmp_path / 'other.pt')
-    for name, message in [('junk.pt', 'Cannot read MoLRG dataset'), ('other.pt', 'no basis, conds'), ('missing.pt', 'not found')]:
+    torch.save(dict(basis=torch.zeros(2, 12, 3), data=torch.zeros(4, 2, 2, 3), conds=[0, 0, 1, 1]), tmp_path / 'list.pt')
+    torch.save(dict(basis=torch.zeros(2, 12, 3), data=torch.zeros(4, 2, 2, 3), conds=torch.tensor([0, 0, 1, 2])), tmp_path / 'class.pt')
+    for name, message in [('junk.pt', 'Cannot read MoLRG dataset'), ('other.pt', 'no basis, conds'), ('missing.pt', 'not found'),
+            ('list.pt', 'conds an integer tensor'), ('class.pt', 'inconsistent MoLRG tensors')]:
         with pytest.raises(DatasetError, match=message):
             molrg.load_molrg(str(tmp_path / name))
 
@@ -261,5 +267,16 @@ def test_generate_cli_samples_the_mixture_with_its_denoiser(tmp_path, small):
     assert sorted(os.listdir(tmp_path)) == ['000000.png', '000001.png', '000002.png', '000003.png', 'grid.png']
     bad = CliRunner().invoke(generate.main, ['--device=cpu', f'--molrg={small}', '--optimal_denoiser', f'--outdir={tmp_path / "bad"}'])
     assert bad.exit_code != 0 and bad.stderr.strip().splitlines()[-1].startswith('Error: --optimal_denoiser and --molrg')
+
+def test_the_speed_benchmark_times_edm_and_cdm_through_train_py(tmp_path):
+    path = str(tmp_path / 'tiny.pt')
+    molrg.save_molrg(path, molrg.generate_molrg(4, 2, 3, 32, seed=0))
+    result = run_cli([sys.executable, os.path.join(REPO, 'benchmarks', 'training_speed.py'), f'--data={path}', '--cbase=8', '--cres=1,1',
+        '--batch=32', '--kimg=0.128', '--tick=0.032', '--repeats=1', '--martingale_steps=6'])
+    assert result.returncode == 0, result.stdout + result.stderr
+    rates = {name: float(value) for name, value in re.findall(r'^  (edm|cdm): +([0-9.e+-]+) kimg/s', result.stdout, flags=re.M)}
+    ratio = float(re.search(r'cdm/edm step time: ([0-9.]+)x', result.stdout).group(1))
+    assert set(rates) == {'edm', 'cdm'} and ratio == pytest.approx(rates['edm'] / rates['cdm'], rel=0.02)
+    assert ratio > 1.5 # CDM evaluates the network six more times per step, on twice the batch (measured: 3.4x).
 
 #----------------------------------------------------------------------------

@@ -93,6 +93,8 @@ def molrg_tensors(raw, where='MoLRG data'):
     missing = [key for key in ('basis', 'data', 'conds') if not isinstance(raw, dict) or key not in raw]
     if missing:
         raise dataset_lib.DatasetError(f'{where} is not a MoLRG dataset: no {", ".join(missing)} in it')
+    if not all(torch.is_tensor(raw[key]) and raw[key].is_floating_point() != (key == 'conds') for key in ('basis', 'data', 'conds')):
+        raise dataset_lib.DatasetError(f'{where}: basis and data must be float tensors and conds an integer tensor')
     basis, data, conds = raw['basis'], raw['data'], raw['conds'].to(torch.int64).reshape(-1)
     if basis.ndim != 3 or data.ndim != 4 or data.shape[1] != data.shape[2] or data.shape[3] != 3 or len(conds) != len(data) \
             or basis.shape[1] != data[0].numel() or (len(conds) and not 0 <= int(conds.min()) <= int(conds.max()) < basis.shape[0]):
