@@ -86,8 +86,8 @@ def main(ctx, path, img_res, class_num, per_class_dim, sample_per_class, data_se
     \b
     # A small network on CPU, without augmentation, then the Jacobian rank of the result
     python trainMoLRG.py --outdir training --path datasets --img_res 4 --class_num 2 --per_class_dim 7 \\
-        --sample_per_class 350 --embed_channels 16 --augment 0 --batch 64 --duration 0.2 --lr_rampup 10 --device cpu
-    python jacobian.py --network_pkl training/MoLRG_dataset_resolution4_classnum2_perclassdim7_sample350/00000-MoLRG-uncond-ddpmpp-edm-gpus1-batch64-fp32/network-snapshot-000200.pkl
+        --sample_per_class 350 --embed_channels 16 --augment 0 --batch 64 --duration 0.05 --lr_rampup 10 --device cpu
+    python jacobian.py --network_pkl training/MoLRG_dataset_resolution4_classnum2_perclassdim7_sample350/00000-MoLRG-uncond-ddpmpp-edm-gpus1-batch64-fp32/network-snapshot-000050.pkl
     """
     dist.init(train_kwargs['device'])
     data = os.path.join(path, molrg.dataset_filename(img_res, class_num, per_class_dim, sample_per_class))
