@@ -222,10 +222,14 @@ def test_trainmolrg_generates_the_dataset_once_and_trains_on_it(tmp_path):
     net = checkpoint.load_network(str(runs / run / snapshots[-1]))
     assert (net.img_resolution, net.img_channels, net.label_dim) == (4, 3, 0)
 
+    # A second run reuses the file; with --cond=1 the network is conditioned on the class.
     before = data_path.read_bytes()
-    again = run_train(tmp_path, '--desc=again')
+    again = run_train(tmp_path, '--cond=1')
     assert again.exit_code == 0 and 'Using existing MoLRG dataset' in again.output
-    assert data_path.read_bytes() == before and len(os.listdir(runs)) == 2
+    assert data_path.read_bytes() == before
+    conditional_run = runs / '00001-MoLRG-cond-ddpmpp-edm-gpus1-batch16-fp32'
+    snapshot = sorted(name for name in os.listdir(conditional_run) if name.startswith('network-snapshot-'))[-1]
+    assert checkpoint.load_network(str(conditional_run / snapshot)).label_dim == 2
 
 @pytest.mark.parametrize('args, message', [
     (['--per_class_dim=30'], 'do not fit into 3x4x4 = 48 dimensions'),
