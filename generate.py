@@ -20,6 +20,7 @@ from training import dataset
 from training import discriminator_guidance as dg_lib
 from training import epsilon_scaling
 from training import generation
+from training import molrg
 from training import optimal_denoiser as optimal_denoiser_lib
 from training import presets
 from training import sampler as sampler_lib
@@ -89,13 +90,15 @@ def list_presets(ctx, _param, value):
 
 @click.option('--optimal_denoiser',        help='Sample with the closed-form denoiser of --dataset, not a network',  is_flag=True)
 @click.option('--dataset', 'dataset_path', help='Images of the optimal denoiser', metavar='ZIP|DIR',                 type=str)
+@click.option('--molrg', 'molrg_path',     help='Sample with the exact denoiser of a MoLRG dataset file, not a network', metavar='PT', type=str)
 @click.option('--preset',                  help='Named settings, see --list-presets; explicit flags override them', metavar='NAME', type=click.Choice(list(presets.PRESETS)), show_choices=False)
 @click.option('--list-presets',            help='Print the presets and exit', is_flag=True, expose_value=False, is_eager=True, callback=list_presets)
 
 @click.pass_context
 def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device, resume, npz, grid,
     eps_scaler, kappa, do_time_shift, cutoff, window, ts_rule, discriminator_ckpt, pretrained_classifier_ckpt,
-    dg_weight_1st_order, dg_weight_2nd_order, time_min, time_max, boosting, cond, optimal_denoiser, dataset_path, preset, **sampler_kwargs):
+    dg_weight_1st_order, dg_weight_2nd_order, time_min, time_max, boosting, cond, optimal_denoiser, dataset_path, molrg_path, preset,
+    **sampler_kwargs):
     """Generate random images with EDM's samplers and exposure-bias corrections.
 
     Examples:
@@ -131,6 +134,10 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
     \b
     # The optimal denoiser of a dataset instead of a network (Euler steps, as Zhang et al.)
     python generate.py --outdir=out --seeds=0-63 --optimal_denoiser --dataset=datasets/cifar10-32x32.zip
+
+    \b
+    # Samples of a low-rank Gaussian mixture from its exact denoiser (trainMoLRG.py writes the file)
+    python generate.py --outdir=out --seeds=0-63 --molrg=datasets/MoLRG_dataset_resolution4_classnum2_perclassdim7_sample350.pt
     """
     # A preset fills in whatever was not given on the command line.
     if preset is not None:
@@ -156,8 +163,16 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
     if rank != 0:
         dist.barrier()
     try:
+        if optimal_denoiser and molrg_path is not None:
+            raise click.ClickException('--optimal_denoiser and --molrg are two different denoisers; give one')
         if optimal_denoiser:
             net = load_optimal_denoiser(dataset_path, network_pkl, sampler_kwargs)
+        elif molrg_path is not None:
+            if network_pkl is not None or dataset_path is not None:
+                raise click.ClickException('--molrg replaces the network; leave out --network and --dataset')
+            dist.print0(f'Loading MoLRG denoiser from "{molrg_path}"...')
+            # Unconditional unless --class is given, so that a seed gives the trajectory an unconditional network would.
+            net = molrg.MoLRGDenoiser.from_file(molrg_path, conditional=(class_idx is not None))
         else:
             if dataset_path is not None:
                 raise click.ClickException('--dataset is only used with --optimal_denoiser')

@@ -45,7 +45,7 @@ def next_run_dir(outdir, desc):
 
 # Main options.
 @click.option('--outdir',        help='Where to save the results', metavar='DIR',                   type=str, required=True)
-@click.option('--data',          help='Path to the dataset', metavar='ZIP|DIR',                     type=str, required=True)
+@click.option('--data',          help='Path to the dataset', metavar='ZIP|DIR|PT',                  type=str, required=True)
 @click.option('--cond',          help='Train class-conditional model', metavar='BOOL',              type=bool, default=False)
 @click.option('--arch',          help='Network architecture', metavar='ddpmpp|ncsnpp|adm',          type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp')
 @click.option('--precond',       help='Preconditioning & loss function', metavar='vp|ve|edm|cdm',   type=click.Choice(['vp', 've', 'edm', 'cdm']), default='edm')
@@ -163,7 +163,9 @@ def main(**kwargs):
 def build_config(opts, device):
     """All training options as the keyword arguments of training_loop(); ClickException for bad input."""
     c = dnnlib.EasyDict()
-    c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache)
+    # A .pt file is a low-rank Gaussian mixture written by trainMoLRG.py; anything else holds images.
+    dataset_class = 'training.molrg.MoLRGDataset' if opts.data.lower().endswith('.pt') else 'training.dataset.ImageFolderDataset'
+    c.dataset_kwargs = dnnlib.EasyDict(class_name=dataset_class, path=opts.data, use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache)
     c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=(device.type == 'cuda'), num_workers=opts.workers)
     if opts.workers > 0:
         c.data_loader_kwargs.prefetch_factor = 2

@@ -1,0 +1,87 @@
+"""The exposure-bias study (study.py) end to end on a tiny network, data, detector and reference."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import study
+from tests.test_exposure_bias_samplers import write_tiny_dataset
+from tests.tiny_models import TinyInception, save_torchscript
+from training import exposure_bias_study
+from training import frechet
+
+#----------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_study_inputs(tmp_path, cond_net_pkl):
+    data = write_tiny_dataset(tmp_path / 'data')
+    detector = save_torchscript(TinyInception(feature_dim=6), tmp_path / 'detector.pt')
+    ref = tmp_path / 'ref.npz'
+    features = torch.randn([64, 6], generator=torch.Generator().manual_seed(0)) * 0.3
+    moments = frechet.FeatureMoments(6)
+    moments.add(features)
+    frechet.save_stats(str(ref), *moments.stats(), detector='detector.pt')
+    return [f'--network={cond_net_pkl}', f'--data={data}', f'--ref={ref}', '--device=cpu']
+
+def run_study(inputs, outdir, *extra):
+    return CliRunner().invoke(study.main, [*inputs, f'--outdir={outdir}', '--num=16', '--num_calibration=8', '--rounds=1',
+        '--eps_scalers=1,1.05', '--batch=16', *extra])
+
+def test_study_writes_curves_calibration_and_a_complete_fd_table(tmp_path, tiny_study_inputs):
+    outdir = tmp_path / 'study'
+    result = run_study(tiny_study_inputs, outdir)
+    assert result.exit_code == 0, result.output
+    assert 'detector.pt' in result.output # The detector recorded in the reference file.
+    results = json.loads((outdir / 'study.json').read_text())
+
+    # Calibration per sampler: a positive scaler, and the fitted constant is the closed form of the measured curves.
+    for name in ['euler-13', 'heun-18']:
+        curves = json.loads((outdir / f'eps_norm_{name}.json').read_text())
+        assert len(curves['eps_norm_consecutive']) == exposure_bias_study.SAMPLER_SETTINGS[name]['num_steps']
+        assert results['calibration'][name]['eps_scaler'] > 0
+        assert PIL.Image.open(outdir / f'eps_norm_{name}.png').size[0] > 500
+
+    # Every (sampler, time shift, scaler) once, the calibrated scaler included, each a finite FD.
+    fd = results['fd']
+    keys = {(e['setting'], e['time_shift'], e['eps_scaler']) for e in fd}
+    assert len(keys) == len(fd)
+    for name in ['euler-13', 'heun-18']:
+        calibrated = round(results['calibration'][name]['eps_scaler'], 5)
+        for time_shift in (False, True):
+            assert {1.0, 1.05, calibrated} <= {s for n, ts, s in keys if n == name and ts == time_shift}
+    assert all(np.isfinite(e['fd']) and e['fd'] >= 0 for e in fd)
+    assert {e['nfe'] for e in fd} == {13, 35}
+    assert np.isfinite(results['yardsticks']['plain_other_seeds']['fd']) and np.isfinite(results['yardsticks']['training_images']['fd'])
+
+    # The table files say the same as study.json.
+    rows = (outdir / 'fd_table.csv').read_text().strip().splitlines()
+    assert len(rows) == len(fd) + 1
+    summary = (outdir / 'summary.md').read_text()
+    assert f'{fd[0]["fd"]:.3f}' in summary and 'heun-18 + time shift' in summary
+    assert PIL.Image.open(outdir / 'fd.png').size[0] > 400
+
+def test_a_rerun_keeps_finished_entries(tmp_path, tiny_study_inputs):
+    outdir = tmp_path / 'study'
+    assert run_study(tiny_study_inputs, outdir).exit_code == 0
+    results = json.loads((outdir / 'study.json').read_text())
+    complete = len(results['fd'])
+    results['fd'] = results['fd'][:3] # As if killed after three entries...
+    results['fd'][0]['fd'] = -1.0     # ...with a marker that a recomputation would overwrite.
+    (outdir / 'study.json').write_text(json.dumps(results))
+    assert run_study(tiny_study_inputs, outdir).exit_code == 0
+    again = json.loads((outdir / 'study.json').read_text())
+    assert again['fd'][0]['fd'] == -1.0
+    assert len(again['fd']) == complete
+
+def test_bad_study_input_gets_one_line(tmp_path, tiny_study_inputs):
+    result = run_study(tiny_study_inputs, tmp_path / 'study', '--eps_scalers=1,-2')
+    assert result.exit_code != 0 and 'positive eps_scaler' in result.output
+    result = run_study([*tiny_study_inputs, f'--ref={tmp_path / "missing.npz"}'], tmp_path / 'study')
+    assert result.exit_code != 0 and result.output.strip().splitlines()[-1].startswith('Error: Reference statistics not found')
+    assert not (tmp_path / 'study').exists()
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,223 @@
+"""The exposure-bias study of a network: epsilon-norm curves, calibrated scalers, and an FD table.
+
+For each sampler setting (by default Euler 13 steps and Heun 18 steps, as in Ning et al.'s tables):
+  1. the epsilon-norm curves, consecutive sampling vs single step on training images, and the
+     variance error (exposure_bias_metrics.measure), before and after calibration;
+  2. the calibrated constant and linear scalers (exposure_bias_metrics.calibrate);
+  3. the Frechet distance of generated images to the reference statistics, over a list of
+     eps_scaler values plus the calibrated one, each without and with time shift (the paper's rule:
+     EDM's discretization is not the uniform 1000-step grid the released rule needs).
+Two yardsticks put the FD differences in scale: the FD of the plain sampler on a second, disjoint
+set of seeds (how much FD moves with the seeds alone), and the FD of as many real training images.
+
+Every finished measurement is stored in study.json at once, so a killed study continues where it
+stopped when run again with the same settings.
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+import tqdm
+
+import dnnlib
+from training import epsilon_scaling
+from training import exposure_bias_metrics as metrics
+from training import frechet
+from training import generation
+from training import sampler as sampler_lib
+from training import time_shift as time_shift_lib
+
+#----------------------------------------------------------------------------
+
+SAMPLER_SETTINGS = {
+    'euler-13': dict(num_steps=13, solver='euler'),
+    'heun-18':  dict(num_steps=18),
+}
+
+def network_evaluations(sampler_kwargs):
+    steps = sampler_kwargs['num_steps']
+    return steps if sampler_kwargs.get('solver') == 'euler' else 2 * steps - 1
+
+#----------------------------------------------------------------------------
+
+class Study:
+    def __init__(self, net, images, labels, detector, ref_mu, ref_sigma, outdir,
+        num_images=1000, num_calibration=256, calibration_rounds=2, eps_scalers=(1.0, 1.002, 1.004, 1.006, 1.008, 1.010),
+        cutoff=300, window=80, batch_size=128, device=torch.device('cpu'), settings=SAMPLER_SETTINGS):
+        self.net, self.images, self.labels = net, images, labels
+        self.detector, self.ref_mu, self.ref_sigma = detector, ref_mu, ref_sigma
+        self.outdir = outdir
+        self.num_images, self.num_calibration, self.calibration_rounds = num_images, num_calibration, calibration_rounds
+        self.eps_scalers = [float(s) for s in eps_scalers]
+        self.cutoff, self.window = cutoff, window
+        self.batch_size, self.device = batch_size, device
+        self.settings = settings
+        self.config = dict(num_images=num_images, num_calibration=num_calibration, calibration_rounds=calibration_rounds,
+            eps_scalers=self.eps_scalers, cutoff=cutoff, window=window, settings=settings)
+        self.path = os.path.join(outdir, 'study.json')
+        self.results = self._load_previous()
+
+    def _load_previous(self):
+        """Results of an earlier run with the same settings; batch size and device do not change them."""
+        if os.path.isfile(self.path):
+            with open(self.path) as f:
+                previous = json.load(f)
+            if previous.get('config') == json.loads(json.dumps(self.config)):
+                return previous
+        return dict(config=self.config, calibration={}, fd=[], yardsticks={})
+
+    def _save(self):
+        os.makedirs(self.outdir, exist_ok=True)
+        with dnnlib.util.atomic_write(self.path, mode='w') as f:
+            json.dump(self.results, f, indent=2)
+
+    #------------------------------------------------------------------------
+
+    def fd_of_features(self, features):
+        moments = frechet.FeatureMoments(features.shape[1])
+        moments.add(features)
+        mu, sigma = moments.stats()
+        return frechet.frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma)
+
+    def generated_features(self, sampler_kwargs, seeds, eps_scaler, time_shift):
+        kwargs = dict(sampler_kwargs)
+        if time_shift:
+            kwargs['time_shift'] = time_shift_lib.TimeShift(time_shift_lib.TrainingGrid.for_network(self.net),
+                num_steps=kwargs['num_steps'], cutoff=self.cutoff, window=self.window, rule='paper')
+        make_denoiser = lambda net, labels: epsilon_scaling.with_epsilon_scaling(sampler_lib.network_denoiser(net, labels), eps_scaler)
+        features = [self.detector(torch.as_tensor(batch.images).permute(0, 3, 1, 2)).cpu()
+            for batch in generation.generate_images(self.net, seeds, self.batch_size, device=self.device,
+                sampler_kwargs=kwargs, make_denoiser=make_denoiser)]
+        return torch.cat(features)
+
+    def calibrate(self, name, sampler_kwargs):
+        if name in self.results['calibration']:
+            return self.results['calibration'][name]
+        seeds = list(range(self.num_calibration))
+        images, labels = self.images[:self.num_calibration], (self.labels[:self.num_calibration] if self.labels is not None else None)
+        plain = metrics.measure(self.net, images, labels, seeds, sampler_kwargs, 1.0, 0.0, self.batch_size, self.device)
+        fitted, history = metrics.calibrate(self.net, images, labels, seeds, sampler_kwargs, self.calibration_rounds, self.batch_size, self.device)
+        calibrated = metrics.measure(self.net, images, labels, seeds, sampler_kwargs, fitted['eps_scaler'], 0.0, self.batch_size, self.device)
+        metrics.save_curves(plain, self.outdir, name=f'eps_norm_{name}')
+        metrics.save_curves(calibrated, self.outdir, name=f'eps_norm_{name}_calibrated')
+        metrics.plot_curves({'eps_scaler=1': plain, f'calibrated eps_scaler={fitted["eps_scaler"]:.4f}': calibrated},
+            os.path.join(self.outdir, f'eps_norm_{name}.png'), title=f'{name.replace("-", " ")} steps')
+        entry = dict(fitted, history=history,
+            mean_ratio_plain=float(np.mean(np.array(plain['eps_norm_consecutive']) / np.array(plain['eps_norm_single_step']))),
+            mean_ratio_calibrated=float(np.mean(np.array(calibrated['eps_norm_consecutive_scaled']) / np.array(calibrated['eps_norm_single_step']))),
+            max_variance_error_plain=float(np.max(np.abs(plain['variance_error']))),
+            max_variance_error_calibrated=float(np.max(np.abs(calibrated['variance_error']))))
+        self.results['calibration'][name] = entry
+        self._save()
+        return entry
+
+    def fd_runs(self):
+        """(setting name, eps_scaler, time shift) of every FD entry; the calibrated scaler needs calibrate() first."""
+        runs = []
+        for name in self.settings:
+            calibrated = round(self.results['calibration'][name]['eps_scaler'], 5)
+            for time_shift in (False, True):
+                for eps_scaler in sorted(set(self.eps_scalers + [calibrated])):
+                    runs.append((name, eps_scaler, time_shift))
+        return runs
+
+    def run(self, progress=True):
+        for name, sampler_kwargs in tqdm.tqdm(self.settings.items(), desc='calibration', disable=not progress):
+            self.calibrate(name, sampler_kwargs)
+        seeds = list(range(self.num_images))
+        done = {(e['setting'], e['eps_scaler'], e['time_shift']) for e in self.results['fd']}
+        for name, eps_scaler, time_shift in tqdm.tqdm(self.fd_runs(), desc='FD table', disable=not progress):
+            if (name, eps_scaler, time_shift) in done:
+                continue
+            features = self.generated_features(self.settings[name], seeds, eps_scaler, time_shift)
+            calibrated = abs(eps_scaler - round(self.results['calibration'][name]['eps_scaler'], 5)) < 1e-12
+            self.results['fd'].append(dict(setting=name, nfe=network_evaluations(self.settings[name]), eps_scaler=eps_scaler,
+                time_shift=time_shift, calibrated=calibrated, fd=self.fd_of_features(features)))
+            self._save()
+        self.yardsticks(progress)
+        self.write_outputs()
+        return self.results
+
+    def yardsticks(self, progress=True):
+        sticks = self.results['yardsticks']
+        if 'plain_other_seeds' not in sticks:
+            name = next(iter(self.settings))
+            seeds = list(range(self.num_images, 2 * self.num_images))
+            sticks['plain_other_seeds'] = dict(setting=name, fd=self.fd_of_features(self.generated_features(self.settings[name], seeds, 1.0, False)))
+            self._save()
+        if 'training_images' not in sticks:
+            n = min(self.num_images, len(self.images))
+            features = torch.cat([self.detector(torch.as_tensor(self.images[i:i + self.batch_size])).cpu() for i in range(0, n, self.batch_size)])
+            sticks['training_images'] = dict(num=n, fd=self.fd_of_features(features))
+            self._save()
+
+    #------------------------------------------------------------------------
+
+    def write_outputs(self):
+        rows = self.results['fd']
+        with dnnlib.util.atomic_write(os.path.join(self.outdir, 'fd_table.csv'), mode='w') as f:
+            f.write('setting,nfe,time_shift,eps_scaler,calibrated,fd\n')
+            for e in rows:
+                f.write(f'{e["setting"]},{e["nfe"]},{int(e["time_shift"])},{e["eps_scaler"]:.5f},{int(e["calibrated"])},{e["fd"]:.6f}\n')
+        with dnnlib.util.atomic_write(os.path.join(self.outdir, 'summary.md'), mode='w') as f:
+            f.write(summary_markdown(self.results))
+        plot_fd(rows, os.path.join(self.outdir, 'fd.png'), self.results['yardsticks'])
+
+#----------------------------------------------------------------------------
+
+def summary_markdown(results):
+    """The tables README shows: calibrated scalers, then FD per eps_scaler with and without time shift."""
+    cfg = results['config']
+    lines = [f'Calibration ({cfg["num_calibration"]} trajectories, {cfg["calibration_rounds"]} rounds):', '',
+        '| sampler | eps norm ratio consecutive/single-step, plain | calibrated eps_scaler | linear fit (eps_scaler, kappa) | ratio after calibration | max abs variance error, plain -> calibrated |',
+        '| --- | --- | --- | --- | --- | --- |']
+    for name, c in results['calibration'].items():
+        lines.append(f'| {name} | {c["mean_ratio_plain"]:.4f} | {c["eps_scaler"]:.4f} | {c["linear_eps_scaler"]:.4f}, {c["linear_kappa"]:+.5f} | '
+            f'{c["mean_ratio_calibrated"]:.4f} | {100 * c["max_variance_error_plain"]:.2f}% -> {100 * c["max_variance_error_calibrated"]:.2f}% |')
+    lines += ['', f'FD to the reference statistics ({cfg["num_images"]} images each; time shift: paper rule, cutoff {cfg["cutoff"]}, window {cfg["window"]}; * = calibrated):', '']
+    settings = list(dict.fromkeys(e['setting'] for e in results['fd']))
+    columns = [(s, ts) for s in settings for ts in (False, True)]
+    lines.append('| eps_scaler | ' + ' | '.join(f'{s}{" + time shift" if ts else ""}' for s, ts in columns) + ' |')
+    lines.append('| --- ' * (len(columns) + 1) + '|')
+    table = {(e['setting'], e['time_shift'], e['eps_scaler']): e for e in results['fd']}
+    for eps_scaler in sorted({e['eps_scaler'] for e in results['fd']}):
+        cells = []
+        for s, ts in columns:
+            e = table.get((s, ts, eps_scaler))
+            cells.append('' if e is None else f'{e["fd"]:.3f}' + ('*' if e['calibrated'] else ''))
+        lines.append(f'| {eps_scaler:.5f} | ' + ' | '.join(cells) + ' |')
+    sticks = results.get('yardsticks', {})
+    if sticks:
+        lines.append('')
+        if 'plain_other_seeds' in sticks:
+            lines.append(f'Yardstick: {sticks["plain_other_seeds"]["setting"]}, eps_scaler 1, on {cfg["num_images"]} other seeds: FD {sticks["plain_other_seeds"]["fd"]:.3f}.')
+        if 'training_images' in sticks:
+            lines.append(f'Yardstick: {sticks["training_images"]["num"]} real training images: FD {sticks["training_images"]["fd"]:.3f}.')
+    return '\n'.join(lines) + '\n'
+
+def plot_fd(rows, path, yardsticks={}):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for setting in dict.fromkeys(e['setting'] for e in rows):
+        for time_shift, style in ((False, '-'), (True, '--')):
+            line = sorted((e['eps_scaler'], e['fd']) for e in rows if e['setting'] == setting and e['time_shift'] == time_shift)
+            if line:
+                ax.plot(*zip(*line), style, marker='o', label=f'{setting}{" + time shift" if time_shift else ""}')
+    if 'plain_other_seeds' in yardsticks:
+        ax.axhline(yardsticks['plain_other_seeds']['fd'], color='gray', lw=0.8, ls='-.', label=f'{yardsticks["plain_other_seeds"]["setting"]}, other seeds')
+    if 'training_images' in yardsticks:
+        ax.axhline(yardsticks['training_images']['fd'], color='gray', lw=0.8, ls=':', label='real training images')
+    ax.set_xlabel('eps_scaler')
+    ax.set_ylabel('FD (bundled detector)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with dnnlib.util.atomic_write(path) as f:
+        fig.savefig(f, format='png', dpi=110)
+    plt.close(fig)
+
+#----------------------------------------------------------------------------
