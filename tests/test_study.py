@@ -1,6 +1,7 @@
 """The exposure-bias study (study.py) end to end on a tiny network, data, detector and reference."""
 
 import json
+import shutil
 
 import numpy as np
 import PIL.Image
@@ -16,8 +17,9 @@ from training import frechet
 
 #----------------------------------------------------------------------------
 
-@pytest.fixture
-def tiny_study_inputs(tmp_path, cond_net_pkl):
+@pytest.fixture(scope='module')
+def tiny_study_inputs(tmp_path_factory, cond_net_pkl):
+    tmp_path = tmp_path_factory.mktemp('study-inputs')
     data = write_tiny_dataset(tmp_path / 'data')
     detector = save_torchscript(TinyInception(feature_dim=6), tmp_path / 'detector.pt')
     ref = tmp_path / 'ref.npz'
@@ -31,11 +33,16 @@ def run_study(inputs, outdir, *extra):
     return CliRunner().invoke(study.main, [*inputs, f'--outdir={outdir}', '--num=16', '--num_calibration=8', '--rounds=1',
         '--eps_scalers=1,1.05', '--batch=16', *extra])
 
-def test_study_writes_curves_calibration_and_a_complete_fd_table(tmp_path, tiny_study_inputs):
-    outdir = tmp_path / 'study'
+@pytest.fixture(scope='module')
+def finished_study(tmp_path_factory, tiny_study_inputs):
+    outdir = tmp_path_factory.mktemp('study') / 'out'
     result = run_study(tiny_study_inputs, outdir)
     assert result.exit_code == 0, result.output
-    assert 'detector.pt' in result.output # The detector recorded in the reference file.
+    return outdir, result.output
+
+def test_study_writes_curves_calibration_and_a_complete_fd_table(finished_study):
+    outdir, output = finished_study
+    assert 'detector.pt' in output # The detector recorded in the reference file.
     results = json.loads((outdir / 'study.json').read_text())
 
     # Calibration per sampler: a positive scaler, and the fitted constant is the closed form of the measured curves.
@@ -64,9 +71,9 @@ def test_study_writes_curves_calibration_and_a_complete_fd_table(tmp_path, tiny_
     assert f'{fd[0]["fd"]:.3f}' in summary and 'heun-18 + time shift' in summary
     assert PIL.Image.open(outdir / 'fd.png').size[0] > 400
 
-def test_a_rerun_keeps_finished_entries(tmp_path, tiny_study_inputs):
+def test_a_rerun_keeps_finished_entries(tmp_path, tiny_study_inputs, finished_study):
     outdir = tmp_path / 'study'
-    assert run_study(tiny_study_inputs, outdir).exit_code == 0
+    shutil.copytree(finished_study[0], outdir)
     results = json.loads((outdir / 'study.json').read_text())
     complete = len(results['fd'])
     results['fd'] = results['fd'][:3] # As if killed after three entries...
