@@ -98,7 +98,8 @@ def main(network_pkl, data, outdir, num, num_steps, solver, discretization, sche
 
     if calibrate:
         fitted, history = metrics.calibrate(net, images, labels, seeds, sampler_kwargs, rounds, batch_size, device,
-            progress=lambda h: print(f'calibration round {h["round"]}: constant {h["constant"]:.5f}, linear {h["linear"][0]:.5f} + {h["linear"][1]:.6f} i'))
+            progress=lambda h: print(f'calibration round {h["round"]}: constant {h["constant"]:.5f} '
+                f'(log fitted/used {h["residual"]:+.5f}), linear {h["linear"][0]:.5f} + {h["linear"][1]:.6f} i'))
         result['calibration'] = dict(fitted, history=history)
         curves[f'calibrated eps_scaler={fitted["eps_scaler"]:.4f}'] = metrics.measure(net, images, labels, seeds, sampler_kwargs, fitted['eps_scaler'], 0.0, batch_size, device)
         print()

@@ -169,6 +169,20 @@ def test_consecutive_norms_measure_the_mismatch_of_a_miscalibrated_denoiser():
     assert np.allclose(measured, expected, rtol=0.015)
     assert measured[-1] > 1.4 # Clearly larger than 1 at low noise.
 
+def test_calibration_finds_the_scaler_whose_scaled_norms_match_the_training_norms():
+    # The same miscalibrated denoiser: at the calibrated scaler the scaled norms along its own
+    # trajectories fit the single-step norms (log of the least-squares ratio at 0), far better than
+    # without scaling.
+    net = GaussianDataNet(c=0.6)
+    images = np.clip(np.random.RandomState(0).randn(500, 1, 4, 4) * 0.4 * 127.5 + 127.5, 0, 255).round().astype(np.uint8)
+    seeds, kwargs = list(range(500)), dict(num_steps=8, solver='euler')
+    fitted, history = metrics.calibrate(net, images, None, seeds, kwargs, rounds=4, batch_size=500)
+    assert len(history) == 4 and fitted['eps_scaler'] != 1.0
+    def log_mismatch(scaler):
+        result = metrics.measure(net, images, None, seeds, kwargs, scaler, 0.0, batch_size=500)
+        return np.log(metrics.fit_constant_scaler(result['eps_norm_consecutive_scaled'], result['eps_norm_single_step']))
+    assert abs(log_mismatch(fitted['eps_scaler'])) < 1e-5 and abs(log_mismatch(1.0)) > 1e-3
+
 def write_tiny_dataset(folder, n=16):
     folder.mkdir(parents=True, exist_ok=True)
     rnd = np.random.RandomState(0)

@@ -157,20 +157,42 @@ def measure(net, images, labels, seeds, sampler_kwargs, eps_scaler=1.0, kappa=0.
 def calibrate(net, images, labels, seeds, sampler_kwargs, rounds=3, batch_size=64, device=torch.device('cpu'), progress=None):
     """Fit the constant and the linear scaler by repeated measurement; returns (result dict, history).
 
-    Each round samples with the scaler fitted so far and refits from the network's raw norms along
-    those trajectories (the single-step curve does not change).
+    The constant scaler is the root of h(l) = log fit(c(l)) - log l, where c(l) are the network's
+    raw eps norms along trajectories sampled with scaler l and fit() is fit_constant_scaler against
+    the single-step norms (which do not depend on l): at the root, the scaled norms c(l) / l match
+    the single-step norms in the least-squares sense. Each round measures c at the current estimate
+    and takes a secant step (the first round takes l = fit(c(1))). A plain fixed-point iteration
+    l <- fit(c(l)) is not enough: scaling feeds back into the trajectories, and when that feedback
+    is strong (a scaler below 1 makes the sampler remove more noise, so the network then predicts
+    smaller noise, so the next fit is lower still) it runs away instead of converging.
+
+    The result is the measured scaler with the smallest |h|. The linear schedule (eps_scaler, kappa)
+    is fitted to the raw norms along its trajectories: it keeps the per-step trend around the
+    calibrated level.
     """
+    sigmas = sampler_sigmas(net, sampler_kwargs).cpu().numpy()
+    single_step, _ = single_step_statistics(net, images, labels, sigmas)
+    def residual(scaler):
+        consecutive, _ = consecutive_statistics(net, seeds, sampler_kwargs, scaler, 0.0, batch_size, device)
+        return float(np.log(fit_constant_scaler(consecutive, single_step)) - np.log(scaler)), consecutive
+
     history = []
-    constant, linear = 1.0, (1.0, 0.0)
+    points = [(1.0, *residual(1.0))] # (scaler, h, raw norms)
     for round_idx in range(rounds):
-        at_constant = measure(net, images, labels, seeds, sampler_kwargs, constant, 0.0, batch_size, device)
-        constant = fit_constant_scaler(at_constant['eps_norm_consecutive'], at_constant['eps_norm_single_step'])
-        at_linear = measure(net, images, labels, seeds, sampler_kwargs, *linear, batch_size, device)
-        linear = fit_linear_scaler(at_linear['eps_norm_consecutive'], at_linear['eps_norm_single_step'])
-        history.append(dict(round=round_idx, constant=constant, linear=list(linear)))
+        (l0, h0, _), (l1, h1, _) = (points[-2] if len(points) > 1 else (None, None, None)), points[-1]
+        if l0 is None or h1 == h0:
+            estimate = l1 * np.exp(h1) # The fixed-point step, l <- fit(c(l)).
+        else:
+            estimate = l1 - h1 * (l1 - l0) / (h1 - h0)
+        estimate = float(np.clip(estimate, l1 / 1.25, l1 * 1.25)) # A measurement far outside its neighbourhood says little.
+        points.append((estimate, *residual(estimate)))
+        linear = fit_linear_scaler(points[-1][2], single_step)
+        history.append(dict(round=round_idx, constant=estimate, residual=points[-1][1], linear=list(linear)))
         if progress is not None:
             progress(history[-1])
-    return dict(eps_scaler=constant, linear_eps_scaler=linear[0], linear_kappa=linear[1]), history
+    best = min(points, key=lambda point: abs(point[1]))
+    linear = fit_linear_scaler(best[2], single_step)
+    return dict(eps_scaler=best[0], residual=best[1], linear_eps_scaler=linear[0], linear_kappa=linear[1]), history
 
 #----------------------------------------------------------------------------
 
