@@ -44,7 +44,7 @@ def network_evaluations(sampler_kwargs):
 
 class Study:
     def __init__(self, net, images, labels, detector, ref_mu, ref_sigma, outdir,
-        num_images=1000, num_calibration=256, calibration_rounds=2, eps_scalers=(1.0, 1.002, 1.004, 1.006, 1.008, 1.010),
+        num_images=400, num_calibration=128, calibration_rounds=3, eps_scalers=(1.0, 1.003, 1.006, 1.010),
         cutoff=300, window=80, batch_size=128, device=torch.device('cpu'), settings=SAMPLER_SETTINGS):
         self.net, self.images, self.labels = net, images, labels
         self.detector, self.ref_mu, self.ref_sigma = detector, ref_mu, ref_sigma
