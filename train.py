@@ -113,9 +113,9 @@ def main(**kwargs):
         --cond=0 --arch=ddpmpp --batch=256 --cres=1,2,2,2 --lr=2e-4 --dropout=0.05 --augment=0.15
 
     \b
-    # A small model on the bundled digits, on CPU
+    # The bundled digits model (bundled/edm-digits-16x16.pkl), on CPU
     python train.py --outdir=training-runs --data=bundled/digits-16x16.zip --cond=1 --cbase=16 --cres=1,2,2 \\
-        --batch=128 --duration=1.2 --lr_rampup=100 --ema=0.05 --tick=20 --snap=10 --dump=10 --device=cpu
+        --batch=128 --duration=0.3 --lr_rampup=100 --ema=0.05 --tick=10 --snap=5 --dump=5 --device=cpu --workers=1 --seed=1
 
     \b
     # Continue a run exactly where its last training state left it
