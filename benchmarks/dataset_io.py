@@ -12,12 +12,12 @@ import pickle
 import sys
 import tarfile
 import tempfile
-import time
 
 import click
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.timing import median_seconds
 import dataset_tool
 from training.dataset import ImageFolderDataset, iterate_image_batches
 
@@ -33,14 +33,6 @@ def write_synthetic_cifar10(path, num_images, seed=0):
             info.size = len(raw)
             tar.addfile(info, io.BytesIO(raw))
 
-def median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
 #----------------------------------------------------------------------------
 
 @click.command()
@@ -53,20 +45,20 @@ def main(num, repeats, workers):
         source = os.path.join(tmp, 'cifar-10-python.tar.gz')
         dest = os.path.join(tmp, 'cifar10-32x32.zip')
         write_synthetic_cifar10(source, num)
-        t = median_time(lambda: dataset_tool.convert_dataset(source, dest, progress=False), repeats)
+        t = median_seconds(lambda: dataset_tool.convert_dataset(source, dest, progress=False), repeats)
         print(f'dataset_tool.py, CIFAR-10 tar.gz -> zip:      {num / t:8.0f} img/s  ({t:.2f} s for {num})')
 
         def read_in_process():
             dataset = ImageFolderDataset(dest, use_labels=True)
             for i in range(len(dataset)):
                 dataset[i]
-        t = median_time(read_in_process, repeats)
+        t = median_seconds(read_in_process, repeats)
         print(f'ImageFolderDataset, zip, one process:        {num / t:8.0f} img/s')
 
         def read_batched():
             for _images, _labels in iterate_image_batches(dest, batch_size=256, num_workers=workers, use_labels=True):
                 pass
-        t = median_time(read_batched, repeats)
+        t = median_seconds(read_batched, repeats)
         print(f'iterate_image_batches, zip, {workers} workers, 256/batch: {num / t:8.0f} img/s')
 
 #----------------------------------------------------------------------------

@@ -9,7 +9,6 @@ case (fewer images than dimensions), where sqrtm tends to return complex numbers
 
 import os
 import sys
-import time
 import warnings
 
 import click
@@ -17,6 +16,7 @@ import numpy as np
 import scipy.linalg
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.timing import timed
 from training import frechet
 
 #----------------------------------------------------------------------------
@@ -32,14 +32,6 @@ def random_stats(rnd, dim, num):
     mixing = rnd.standard_normal([dim, dim]) / np.sqrt(dim) * np.exp(rnd.uniform(-3, 1, size=dim))
     features = rnd.standard_normal([num, dim]) @ mixing + rnd.standard_normal(dim)
     return features.mean(axis=0), np.cov(features, rowvar=False)
-
-def timed(fn, repeats):
-    times, value = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        value = fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), value
 
 #----------------------------------------------------------------------------
 

@@ -10,13 +10,12 @@ neither pays for image decoding (the original also re-reads the dataset files on
 
 import os
 import sys
-import time
 
 import click
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.timing import median_seconds
 from training.optimal_denoiser import OptimalDenoiser
 
 #----------------------------------------------------------------------------
@@ -33,14 +32,6 @@ def two_pass_broadcast_denoiser(images, x, sigma, chunk_size=64):
         total += w.sum(dim=1)
         weighted += (w[:, :, None, None, None] * y[None]).sum(dim=1)
     return weighted / total[:, None, None, None]
-
-def median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 #----------------------------------------------------------------------------
 
@@ -59,8 +50,8 @@ def main(num, batch, resolution, sigma, repeats):
     streamed = denoiser(x, sigma)
     reference = two_pass_broadcast_denoiser(images, x, sigma)
     print(f'max |difference| = {(streamed - reference).abs().max().item():.2e}')
-    t_streamed = median_time(lambda: denoiser(x, sigma), repeats)
-    t_reference = median_time(lambda: two_pass_broadcast_denoiser(images, x, sigma), repeats)
+    t_streamed = median_seconds(lambda: denoiser(x, sigma), repeats)
+    t_reference = median_seconds(lambda: two_pass_broadcast_denoiser(images, x, sigma), repeats)
     print(f'N={num}, batch={batch}, 3x{resolution}x{resolution}, {torch.get_num_threads()} threads, median of {repeats}:')
     print(f'  two-pass broadcast: {t_reference * 1000:8.1f} ms')
     print(f'  one streamed pass:  {t_streamed * 1000:8.1f} ms')

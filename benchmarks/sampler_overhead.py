@@ -15,13 +15,12 @@ depend on them), or any pickle via --network.
 
 import os
 import sys
-import time
 
 import click
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.timing import median_seconds
 from training import checkpoint
 from training import epsilon_scaling
 from training import networks
@@ -40,15 +39,6 @@ ARCHITECTURES = {
                     encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
                     model_channels=128, channel_mult=[2, 2, 2]),
 }
-
-def median_seconds(fn, repeats):
-    fn() # Warm-up: first calls allocate.
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 #----------------------------------------------------------------------------
 
@@ -84,11 +74,11 @@ def main(arch, network_pkl, batch, steps, repeats, threads):
     denoise = sampler_lib.network_denoiser(net, labels)
     with torch.no_grad():
         denoised = denoise(x, sigma, 3)
-        t_network = median_seconds(lambda: denoise(x, sigma, 3), repeats)
+        t_network = median_seconds(lambda: denoise(x, sigma, 3), repeats, warmup=1)
 
         # Epsilon scaling: what the wrapper adds to a denoiser call.
         scale = lambda: x - (x - denoised) / epsilon_scaling.eps_scaler_at(3, 1.004, 0.0001)
-        t_scaling = median_seconds(scale, repeats * 10)
+        t_scaling = median_seconds(scale, repeats * 10, warmup=1)
 
         # Time shift at an active step (index above the cutoff): before_step + after_step.
         grid = time_shift_lib.TrainingGrid.vp()
@@ -100,7 +90,7 @@ def main(arch, network_pkl, batch, steps, repeats, threads):
                 x_start, t_start, t_land = shift.before_step(3, x, t_cur, t_next, ode)
                 return shift.after_step(3, x_start, t_land, t_next, ode)
             assert shift.active(3, t_cur, ode) is not None
-            shift_times[rule] = median_seconds(one_shift, repeats * 10)
+            shift_times[rule] = median_seconds(one_shift, repeats * 10, warmup=1)
 
     print(f'One network evaluation:      {t_network * 1e3:9.3f} ms')
     print(f'Epsilon scaling per call:    {t_scaling * 1e3:9.3f} ms  = {100 * t_scaling / t_network:6.3f}% of a network evaluation')
@@ -117,7 +107,7 @@ def main(arch, network_pkl, batch, steps, repeats, threads):
                                        time_shift=time_shift_lib.TimeShift(grid, steps, 300, 80, 'paper')),
     }
     with torch.no_grad():
-        whole = {name: median_seconds(run, max(3, repeats // 4)) for name, run in end_to_end.items()}
+        whole = {name: median_seconds(run, max(3, repeats // 4), warmup=1) for name, run in end_to_end.items()}
     print(f'End to end, Euler {steps} steps (median of {max(3, repeats // 4)} runs):')
     for name, seconds in whole.items():
         print(f'  {name:16s} {seconds:8.3f} s  ({100 * (seconds / whole["plain"] - 1):+6.2f}% vs plain)')
