@@ -97,11 +97,11 @@ def main(network_pkl, data, outdir, num, num_steps, solver, discretization, sche
         print(f'step {i:3d}  sigma {sigma:9.4f}  eps norm: consecutive {c:8.4f}  single step {s:8.4f}  ratio {c / s:7.4f}  variance error {v * 100:+7.2f}%')
 
     if calibrate:
-        fitted, history = metrics.calibrate(net, images, labels, seeds, sampler_kwargs, rounds, batch_size, device,
+        fitted, history, measured = metrics.calibrate(net, images, labels, seeds, sampler_kwargs, rounds, batch_size, device,
             progress=lambda h: print(f'calibration round {h["round"]}: constant {h["constant"]:.5f} '
                 f'(log fitted/used {h["residual"]:+.5f}), linear {h["linear"][0]:.5f} + {h["linear"][1]:.6f} i'))
         result['calibration'] = dict(fitted, history=history)
-        curves[f'calibrated eps_scaler={fitted["eps_scaler"]:.4f}'] = metrics.measure(net, images, labels, seeds, sampler_kwargs, fitted['eps_scaler'], 0.0, batch_size, device)
+        curves[f'calibrated eps_scaler={fitted["eps_scaler"]:.4f}'] = measured['calibrated']
         print()
         print('Constant scaler:')
         print('  ' + generate_command(network_pkl, sampler_kwargs, fitted['eps_scaler']))

@@ -176,7 +176,7 @@ def test_calibration_finds_the_scaler_whose_scaled_norms_match_the_training_norm
     net = GaussianDataNet(c=0.6)
     images = np.clip(np.random.RandomState(0).randn(500, 1, 4, 4) * 0.4 * 127.5 + 127.5, 0, 255).round().astype(np.uint8)
     seeds, kwargs = list(range(500)), dict(num_steps=8, solver='euler')
-    fitted, history = metrics.calibrate(net, images, None, seeds, kwargs, rounds=4, batch_size=500)
+    fitted, history, _measured = metrics.calibrate(net, images, None, seeds, kwargs, rounds=4, batch_size=500)
     assert len(history) == 4 and fitted['eps_scaler'] != 1.0
     def log_mismatch(scaler):
         result = metrics.measure(net, images, None, seeds, kwargs, scaler, 0.0, batch_size=500)

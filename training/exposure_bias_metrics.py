@@ -139,11 +139,8 @@ def fit_linear_scaler(consecutive, single_step):
 
 #----------------------------------------------------------------------------
 
-def measure(net, images, labels, seeds, sampler_kwargs, eps_scaler=1.0, kappa=0.0, batch_size=64, device=torch.device('cpu')):
-    """Both curves and the variance error for one sampler setting, as a dict of lists."""
-    sigmas = sampler_sigmas(net, sampler_kwargs).cpu().numpy()
-    consecutive, sampled_variance = consecutive_statistics(net, seeds, sampler_kwargs, eps_scaler, kappa, batch_size, device)
-    single_step, training_variance = single_step_statistics(net, images, labels, sigmas)
+def curves(sigmas, consecutive, sampled_variance, single_step, training_variance, eps_scaler=1.0, kappa=0.0):
+    """Both curves and the variance error as a dict of lists (what measure() returns)."""
     scalers = np.array([epsilon_scaling.eps_scaler_at(i, eps_scaler, kappa) for i in range(len(sigmas))])
     return dict(
         step=list(range(len(sigmas))), sigma=sigmas.tolist(),
@@ -154,8 +151,18 @@ def measure(net, images, labels, seeds, sampler_kwargs, eps_scaler=1.0, kappa=0.
         eps_scaler=eps_scaler, kappa=kappa,
     )
 
+def measure(net, images, labels, seeds, sampler_kwargs, eps_scaler=1.0, kappa=0.0, batch_size=64, device=torch.device('cpu')):
+    """Both curves and the variance error for one sampler setting, as a dict of lists."""
+    sigmas = sampler_sigmas(net, sampler_kwargs).cpu().numpy()
+    consecutive, sampled_variance = consecutive_statistics(net, seeds, sampler_kwargs, eps_scaler, kappa, batch_size, device)
+    single_step, training_variance = single_step_statistics(net, images, labels, sigmas)
+    return curves(sigmas, consecutive, sampled_variance, single_step, training_variance, eps_scaler, kappa)
+
 def calibrate(net, images, labels, seeds, sampler_kwargs, rounds=3, batch_size=64, device=torch.device('cpu'), progress=None):
-    """Fit the constant and the linear scaler by repeated measurement; returns (result dict, history).
+    """Fit the constant and the linear scaler by repeated measurement.
+
+    Returns (result dict, history, measured): `measured` holds the curves (as measure() gives them)
+    at eps_scaler 1 and at the calibrated scaler, which calibration has measured anyway.
 
     The constant scaler is the root of h(l) = log fit(c(l)) - log l, where c(l) are the network's
     raw eps norms along trajectories sampled with scaler l and fit() is fit_constant_scaler against
@@ -171,13 +178,14 @@ def calibrate(net, images, labels, seeds, sampler_kwargs, rounds=3, batch_size=6
     calibrated level.
     """
     sigmas = sampler_sigmas(net, sampler_kwargs).cpu().numpy()
-    single_step, _ = single_step_statistics(net, images, labels, sigmas)
+    single_step, training_variance = single_step_statistics(net, images, labels, sigmas)
     def residual(scaler):
-        consecutive, _ = consecutive_statistics(net, seeds, sampler_kwargs, scaler, 0.0, batch_size, device)
-        return float(np.log(fit_constant_scaler(consecutive, single_step)) - np.log(scaler)), consecutive
+        consecutive, sampled_variance = consecutive_statistics(net, seeds, sampler_kwargs, scaler, 0.0, batch_size, device)
+        h = float(np.log(fit_constant_scaler(consecutive, single_step)) - np.log(scaler))
+        return h, curves(sigmas, consecutive, sampled_variance, single_step, training_variance, scaler)
 
     history = []
-    points = [(1.0, *residual(1.0))] # (scaler, h, raw norms)
+    points = [(1.0, *residual(1.0))] # (scaler, h, curves)
     for round_idx in range(rounds):
         (l0, h0, _), (l1, h1, _) = (points[-2] if len(points) > 1 else (None, None, None)), points[-1]
         if l0 is None or h1 == h0:
@@ -186,13 +194,14 @@ def calibrate(net, images, labels, seeds, sampler_kwargs, rounds=3, batch_size=6
             estimate = l1 - h1 * (l1 - l0) / (h1 - h0)
         estimate = float(np.clip(estimate, l1 / 1.25, l1 * 1.25)) # A measurement far outside its neighbourhood says little.
         points.append((estimate, *residual(estimate)))
-        linear = fit_linear_scaler(points[-1][2], single_step)
+        linear = fit_linear_scaler(points[-1][2]['eps_norm_consecutive'], single_step)
         history.append(dict(round=round_idx, constant=estimate, residual=points[-1][1], linear=list(linear)))
         if progress is not None:
             progress(history[-1])
     best = min(points, key=lambda point: abs(point[1]))
-    linear = fit_linear_scaler(best[2], single_step)
-    return dict(eps_scaler=best[0], residual=best[1], linear_eps_scaler=linear[0], linear_kappa=linear[1]), history
+    linear = fit_linear_scaler(best[2]['eps_norm_consecutive'], single_step)
+    fitted = dict(eps_scaler=best[0], residual=best[1], linear_eps_scaler=linear[0], linear_kappa=linear[1])
+    return fitted, history, dict(plain=points[0][2], calibrated=best[2])
 
 #----------------------------------------------------------------------------
 

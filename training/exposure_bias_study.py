@@ -97,9 +97,8 @@ class Study:
             return self.results['calibration'][name]
         seeds = list(range(self.num_calibration))
         images, labels = self.images[:self.num_calibration], (self.labels[:self.num_calibration] if self.labels is not None else None)
-        plain = metrics.measure(self.net, images, labels, seeds, sampler_kwargs, 1.0, 0.0, self.batch_size, self.device)
-        fitted, history = metrics.calibrate(self.net, images, labels, seeds, sampler_kwargs, self.calibration_rounds, self.batch_size, self.device)
-        calibrated = metrics.measure(self.net, images, labels, seeds, sampler_kwargs, fitted['eps_scaler'], 0.0, self.batch_size, self.device)
+        fitted, history, measured = metrics.calibrate(self.net, images, labels, seeds, sampler_kwargs, self.calibration_rounds, self.batch_size, self.device)
+        plain, calibrated = measured['plain'], measured['calibrated']
         metrics.save_curves(plain, self.outdir, name=f'eps_norm_{name}')
         metrics.save_curves(calibrated, self.outdir, name=f'eps_norm_{name}_calibrated')
         metrics.plot_curves({'eps_scaler=1': plain, f'calibrated eps_scaler={fitted["eps_scaler"]:.4f}': calibrated},
