@@ -11,10 +11,9 @@ import shlex
 
 import click
 import numpy as np
-import torch
 
-import dnnlib
 from torch_utils import distributed as dist
+from training import bundled
 from training import checkpoint
 from training import epsilon_scaling
 from training import exposure_bias_metrics as metrics
@@ -78,9 +77,8 @@ def main(network_pkl, data, outdir, num, num_steps, solver, discretization, sche
         --data=datasets/cifar10-32x32.zip --steps=18 --calibrate
     """
     device = dist.init(device)
-    bundled = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'bundled')
-    network_pkl = network_pkl or os.path.join(bundled, 'edm-digits-16x16.pkl')
-    data = data or os.path.join(bundled, 'digits-16x16.zip')
+    network_pkl = network_pkl or bundled.NETWORK
+    data = data or bundled.DATA
     try:
         epsilon_scaling.check_eps_scaler(eps_scaler, kappa, num_steps)
         net = checkpoint.load_network(network_pkl).to(device)

@@ -5,7 +5,6 @@ without scipy.linalg.sqrtm (see training/frechet.py): exact, always real, and ov
 """
 
 import click
-import torch
 
 from torch_utils import distributed as dist
 from training import dataset

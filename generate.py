@@ -11,10 +11,10 @@ of a dataset (--optimal_denoiser), named presets (--preset) and .npz output for 
 import os
 
 import click
-import torch
 import tqdm
 
 from torch_utils import distributed as dist
+from training import bundled
 from training import checkpoint
 from training import dataset
 from training import discriminator_guidance as dg_lib
@@ -25,8 +25,6 @@ from training import optimal_denoiser as optimal_denoiser_lib
 from training import presets
 from training import sampler as sampler_lib
 from training import time_shift as time_shift_lib
-
-BUNDLED_NETWORK = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'bundled', 'edm-digits-16x16.pkl')
 
 #----------------------------------------------------------------------------
 
@@ -177,7 +175,7 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
             if dataset_path is not None:
                 raise click.ClickException('--dataset is only used with --optimal_denoiser')
             if network_pkl is None:
-                network_pkl = BUNDLED_NETWORK
+                network_pkl = bundled.NETWORK
                 if not os.path.isfile(network_pkl):
                     raise click.ClickException(f'No --network given and the bundled default {network_pkl} is missing')
             dist.print0(f'Loading network from "{network_pkl}"...')

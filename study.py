@@ -4,7 +4,6 @@ See training/exposure_bias_study.py for what is measured. Defaults run the bundl
 data, detector and reference statistics, offline on a CPU.
 """
 
-import os
 import time
 
 import click
@@ -12,13 +11,12 @@ import torch
 
 from eps_norm import load_training_images
 from torch_utils import distributed as dist
+from training import bundled
 from training import checkpoint
 from training import exposure_bias_study
 from training import feature_detectors
 from training import frechet
 from training.dataset import DatasetError
-
-BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'bundled')
 
 #----------------------------------------------------------------------------
 
@@ -68,9 +66,9 @@ def main(outdir, network_pkl, data, ref_path, detector_path, num_images, num_cal
     """
     start = time.time()
     device = dist.init(device)
-    network_pkl = network_pkl or os.path.join(BUNDLED, 'edm-digits-16x16.pkl')
-    data = data or os.path.join(BUNDLED, 'digits-16x16.zip')
-    ref_path = ref_path or os.path.join(BUNDLED, 'digits-16x16-ref.npz')
+    network_pkl = network_pkl or bundled.NETWORK
+    data = data or bundled.DATA
+    ref_path = ref_path or bundled.REF
     try:
         net = checkpoint.load_network(network_pkl).to(device).eval()
         images, labels = load_training_images(data, net, max(num_images, num_calibration))

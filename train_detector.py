@@ -6,7 +6,6 @@ little, or offline where its weights cannot be fetched.
 
 import click
 import numpy as np
-import torch
 
 from training import classifier_detector
 from training.dataset import DatasetError, ImageFolderDataset

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import eps_norm
 import generate
-from conftest import make_tiny_net, run_cli, save_tiny_snapshot
+from conftest import make_tiny_net, run_cli
 from test_sampler import LATENTS, GaussianDataNet, exact_result, relative_error
 from training import epsilon_scaling
 from training import exposure_bias_metrics as metrics
@@ -136,7 +136,6 @@ def test_paper_rule_evaluates_the_denoiser_at_the_shifted_time():
     assert torch.allclose(evaluated, time_shift.TrainingGrid.vp().sigmas[chosen])
 
 def test_released_rule_lands_below_the_chosen_index_by_the_stride():
-    net = VarianceProbe(c=0.9)
     grid = time_shift.TrainingGrid.vp()
     shift = time_shift.TimeShift(grid, num_steps=5, cutoff=300, window=80, rule='released')
     ode = sampler.ablation_ode('vp', 'vp')

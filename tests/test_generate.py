@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import generate
-from conftest import REPO, make_tiny_net, run_cli, save_tiny_snapshot
+from conftest import make_tiny_net, run_cli, save_tiny_snapshot
 
 #----------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from training import frechet
 def tiny_study_inputs(tmp_path_factory, cond_net_pkl):
     tmp_path = tmp_path_factory.mktemp('study-inputs')
     data = write_tiny_dataset(tmp_path / 'data')
-    detector = save_torchscript(TinyInception(feature_dim=6), tmp_path / 'detector.pt')
+    save_torchscript(TinyInception(feature_dim=6), tmp_path / 'detector.pt') # Recorded in the reference file below.
     ref = tmp_path / 'ref.npz'
     features = torch.randn([64, 6], generator=torch.Generator().manual_seed(0)) * 0.3
     moments = frechet.FeatureMoments(6)

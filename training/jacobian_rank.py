@@ -21,7 +21,6 @@ those classes; NVIDIA's pickled attention is an autograd.Function that torch.fun
 optimal denoiser of a dataset, or a closed-form Gaussian-mixture denoiser.
 """
 
-import numpy as np
 import torch
 
 from training import sampler as sampler_lib

@@ -30,7 +30,6 @@ DDIM is Euler in sigma on x; and keeping the VP sample while changing its time l
 to sigma_b rescales x by sqrt((1 + sigma_b^2) / (1 + sigma_a^2)).
 """
 
-import numpy as np
 import torch
 
 from training import sampler as sampler_lib
