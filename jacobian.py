@@ -8,22 +8,25 @@ import json
 import os
 
 import click
-import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from training import bundled
 from training import checkpoint
 from training import dataset as dataset_lib
 from training import generation
 from training import jacobian_rank
 from training import molrg
+from training import optimal_denoiser as optimal_denoiser_lib
 from training import sampler as sampler_lib
 
 #----------------------------------------------------------------------------
 
 @click.command(context_settings=dict(show_default=True, max_content_width=120))
-@click.option('--network_pkl', '--network', 'network_pkl', help='Network pickle filename', metavar='PATH|URL',    type=str)
+@click.option('--network_pkl', '--network', 'network_pkl', help='Network pickle filename  [default: the bundled digits model]', metavar='PATH|URL', type=str)
 @click.option('--molrg', 'molrg_path',     help='Instead of a network: the exact denoiser of a MoLRG dataset file (trainMoLRG.py)', metavar='PT', type=str)
+@click.option('--optimal_denoiser',        help='Instead of a network: the optimal denoiser of --dataset (it memorizes)', is_flag=True)
+@click.option('--dataset', 'dataset_path', help='Images of the optimal denoiser', metavar='ZIP|DIR',                type=str)
 @click.option('--class', 'class_idx',      help='Class label  [default: random]', metavar='INT',                 type=click.IntRange(min=0), default=None)
 @click.option('--seed',                    help='Seed of the trajectory (as in generate.py)', metavar='INT',    type=click.IntRange(min=0), default=0)
 @click.option('--steps', 'num_steps',      help='Number of sampling steps', metavar='INT',                       type=click.IntRange(min=2), default=18)
@@ -34,7 +37,7 @@ from training import sampler as sampler_lib
 @click.option('--chunk', 'chunk_size',     help='Jacobian products per vectorized batch (memory vs. speed)', metavar='INT', type=click.IntRange(min=1), default=64)
 @click.option('--outdir',                  help='Where to write jacobian-rank.json and jacobian-rank.png', metavar='DIR', type=str, default='.')
 @click.option('--device',                  help='Device  [default: cuda if available, else cpu]', metavar='cuda|cpu', type=click.Choice(['cuda', 'cpu']), default=None, show_default=False)
-def main(network_pkl, molrg_path, class_idx, seed, num_steps, sigma_min, sigma_max, rho, fast, chunk_size, outdir, device):
+def main(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx, seed, num_steps, sigma_min, sigma_max, rho, fast, chunk_size, outdir, device):
     """Rank of the Jacobian of D(x; sigma) at each step of an EDM sampling trajectory.
 
     The rank is the smallest k whose k largest singular values hold 99% of the Jacobian's
@@ -54,21 +57,18 @@ def main(network_pkl, molrg_path, class_idx, seed, num_steps, sigma_min, sigma_m
     \b
     # The ground truth for a network trained with trainMoLRG.py: the mixture's exact denoiser
     python jacobian.py --molrg=datasets/MoLRG_dataset_resolution4_classnum2_perclassdim7_sample350.pt
+
+    \b
+    # The bundled digits model, then the denoiser that memorizes its training set, on the same seed
+    python jacobian.py --outdir=out-jacobian/network
+    python jacobian.py --outdir=out-jacobian/memorizing --optimal_denoiser --dataset=bundled/digits-16x16.zip
     """
-    if (network_pkl is None) == (molrg_path is None):
-        raise click.ClickException('Give either --network_pkl (a network) or --molrg (the exact denoiser of a MoLRG dataset), not both or neither')
     device = dist.init(device)
-    source = network_pkl if network_pkl is not None else molrg_path
     try:
-        if molrg_path is not None:
-            # Unconditional unless a class is asked for, so that it matches an unconditional network seed by seed.
-            dist.print0(f'Loading MoLRG denoiser from "{molrg_path}"...')
-            net = molrg.MoLRGDenoiser.from_file(molrg_path, conditional=(class_idx is not None)).to(device)
-        else:
-            dist.print0(f'Loading network from "{network_pkl}"...')
-            net = checkpoint.load_network(network_pkl, verbose=True).to(device).eval()
+        net, source = load_denoiser(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx)
     except (checkpoint.CheckpointError, dataset_lib.DatasetError) as e:
         raise click.ClickException(str(e))
+    net = net.to(device).eval()
     if class_idx is not None and class_idx >= net.label_dim:
         raise click.ClickException(f'--class={class_idx} is out of range: the network has {net.label_dim} classes' if net.label_dim
             else f'--class={class_idx} given, but the network is unconditional')
@@ -93,7 +93,8 @@ def main(network_pkl, molrg_path, class_idx, seed, num_steps, sigma_min, sigma_m
         raise
 
     label = int(class_labels.argmax()) if class_labels is not None else None
-    summary = dict(network=network_pkl, molrg=molrg_path, seed=seed, class_idx=label, mode=mode, dim=dim, fraction=jacobian_rank.ENERGY_FRACTION,
+    network_pkl = None if molrg_path or optimal_denoiser else source # The bundled network when none was named.
+    summary = dict(network=network_pkl, molrg=molrg_path, dataset=dataset_path, seed=seed, class_idx=label, mode=mode, dim=dim, fraction=jacobian_rank.ENERGY_FRACTION,
         num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, steps=results)
     json_path = os.path.join(outdir, 'jacobian-rank.json')
     with dnnlib.util.atomic_write(json_path, mode='w') as f:
@@ -101,6 +102,25 @@ def main(network_pkl, molrg_path, class_idx, seed, num_steps, sigma_min, sigma_m
     title = f'{os.path.basename(source)}, seed {seed}' + (f', class {label}' if label is not None else '') + f' ({mode})'
     jacobian_rank.plot_ranks(results, os.path.join(outdir, 'jacobian-rank.png'), title=title, dim=dim)
     print(f'Saved {json_path} and jacobian-rank.png')
+
+#----------------------------------------------------------------------------
+
+def load_denoiser(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx):
+    """(denoiser, name for titles): the network, a MoLRG's exact denoiser, or a dataset's optimal denoiser."""
+    if (dataset_path is not None) != optimal_denoiser:
+        raise click.ClickException('--optimal_denoiser needs --dataset=ZIP|DIR' if optimal_denoiser else '--dataset is only used with --optimal_denoiser')
+    if sum([network_pkl is not None, molrg_path is not None, optimal_denoiser]) > 1:
+        raise click.ClickException('Give one denoiser: --network_pkl, --molrg, or --optimal_denoiser with --dataset')
+    if molrg_path is not None:
+        # Unconditional unless a class is asked for, so that it matches an unconditional network seed by seed.
+        dist.print0(f'Loading MoLRG denoiser from "{molrg_path}"...')
+        return molrg.MoLRGDenoiser.from_file(molrg_path, conditional=(class_idx is not None)), molrg_path
+    if optimal_denoiser:
+        dist.print0(f'Loading optimal denoiser images from "{dataset_path}"...')
+        return optimal_denoiser_lib.OptimalDenoiser.from_dataset(dataset_path), dataset_path
+    network_pkl = network_pkl or bundled.NETWORK
+    dist.print0(f'Loading network from "{network_pkl}"...')
+    return checkpoint.load_network(network_pkl, verbose=True), network_pkl
 
 #----------------------------------------------------------------------------
 

@@ -1,7 +1,6 @@
 """jacobian.py and training/jacobian_rank.py: the effective rank, exact and fast Jacobians, the CLI."""
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -10,7 +9,8 @@ from click.testing import CliRunner
 
 import jacobian
 from conftest import legacy_networks_module, make_tiny_net, save_tiny_snapshot
-from tiny_models import random_images
+from tiny_models import random_images, write_image_folder
+from training import bundled
 from training import jacobian_rank
 from training import sampler as sampler_lib
 from training.optimal_denoiser import OptimalDenoiser
@@ -162,9 +162,28 @@ def test_a_pickle_with_nvidias_old_style_attention_is_rebuilt_and_works(tmp_path
     result = run_ok('--network_pkl', path, '--steps=2', '--outdir', tmp_path)
     assert result.stdout.count('SNR 1/sigma: ') == 2
 
+def test_the_optimal_denoiser_of_a_dataset_has_a_rank_below_its_number_of_images(tmp_path):
+    data = write_image_folder(tmp_path / 'data', random_images(5, resolution=8, seed=2))
+    run_ok('--optimal_denoiser', '--dataset', data, '--steps=6', '--sigma_max=5', '--outdir', tmp_path / 'out')
+    summary = json.load(open(tmp_path / 'out' / 'jacobian-rank.json'))
+    assert summary['dataset'] == str(data) and summary['network'] is None and summary['dim'] == 192
+    ranks = [step['rank'] for step in summary['steps']]
+    assert all(0 <= rank <= 4 for rank in ranks) # J = Cov_w(y) / sigma^2: rank <= 5 - 1.
+    assert ranks[-1] == 0 # At sigma = 0.002 the weights sit on one image: D is locally constant.
+
+def test_without_a_denoiser_the_bundled_network_is_measured(tmp_path):
+    result = run_ok('--steps=2', '--outdir', tmp_path)
+    summary = json.load(open(tmp_path / 'jacobian-rank.json'))
+    assert summary['network'] == bundled.NETWORK and summary['dim'] == 256 and len(summary['steps']) == 2
+    assert f'Loading network from "{bundled.NETWORK}"' in result.stdout
+
 @pytest.mark.parametrize('args, message', [
     (['--network_pkl', 'nope.pkl'], 'Network file not found'),
     (['--class=7'], 'out of range: the network has 4 classes'),
+    (['--optimal_denoiser'], '--optimal_denoiser needs --dataset'),
+    (['--dataset', 'data.zip'], '--dataset is only used with --optimal_denoiser'),
+    (['--optimal_denoiser', '--dataset', 'data.zip'], 'Give one denoiser'),
+    (['--network_pkl', 'net.pkl', '--optimal_denoiser', '--dataset', 'nope.zip'], 'Give one denoiser'),
 ])
 def test_bad_input_gives_one_line(tmp_path, cond_pkl, args, message):
     if '--network_pkl' not in args:
