@@ -1,7 +1,7 @@
 """Train the discriminator of discriminator guidance (Kim et al., ICML 2023) for one generator.
 
-Real images (a dataset zip or folder from dataset_tool.py, or an .npz with `samples`) against the
-generator's samples (generate.py's PNG folder or its --npz files), both diffused to importance-
+Real images (a dataset zip or folder from dataset_tool.py, or an .npz with `samples` or `arr_0`)
+against the generator's samples (generate.py's PNG folder or its --npz files), both diffused to importance-
 sampled VP times and seen through a frozen ADM classifier; one `discriminator_{epoch}.pt` per
 epoch in --outdir, loadable by generate.py --discriminator_ckpt and by DG's own code.
 """

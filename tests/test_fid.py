@@ -15,6 +15,7 @@ from conftest import REPO, run_cli
 from tiny_models import FixedSizeDetector, TinyInception, random_images, save_torchscript, write_image_folder
 from torch_utils import persistence
 from training import frechet
+from training import image_sources
 
 #----------------------------------------------------------------------------
 # The Frechet distance.
@@ -172,6 +173,15 @@ def test_npz_sample_files_give_the_same_fid_as_the_same_images_as_pngs(files, re
     assert fid_value(run_ok('calc', '--images', tmp_path / 'one.npz', *common)) == png
     assert fid_value(run_ok('calc', '--images', folder, *common, '--workers=2')) == png
 
+def test_guided_diffusion_npz_files_with_arr_0_are_read_with_their_labels(files, ref_npz, tmp_path):
+    # guided-diffusion's samplers and the ADM evaluator's batches: np.savez(path, images, labels).
+    labels = np.arange(len(files['images'])) % 7
+    np.savez(tmp_path / 'adm.npz', files['images'], labels)
+    common = ['--ref', ref_npz, '--num=40', '--detector', files['detector'], '--workers=0']
+    assert fid_value(run_ok('calc', '--images', tmp_path / 'adm.npz', *common)) == fid_value(run_ok('calc', '--images', files['generated'], *common))
+    data = image_sources.open_images(tmp_path / 'adm.npz', use_labels=True)
+    assert len(data) == 40 and np.array_equal(data[5][0], files['images'][5].transpose(2, 0, 1)) and data.get_label(5).argmax() == 5 and data.get_label(5).shape == (7,)
+
 def test_more_images_than_num_use_a_subset_chosen_by_the_seed(files, ref_npz):
     common = ['--images', files['generated'], '--ref', ref_npz, '--detector', files['detector'], '--workers=0']
     seed0 = fid_value(run_ok('calc', *common, '--num=20', '--seed=0'))
@@ -232,7 +242,7 @@ def _pickle(path, obj):
 BAD_CALC_INPUTS = {
     'fewer images than --num':  (lambda t, f: ['--num=41'], 'Found 40 images'),
     'missing images':           (lambda t, f: ['--images', t / 'nope'], 'not found'),
-    'npz without samples':      (lambda t, f: ['--images', np.savez(t / 'x.npz', images=f['images']) or t / 'x.npz'], 'has no "samples" array'),
+    'npz without samples':      (lambda t, f: ['--images', np.savez(t / 'x.npz', images=f['images']) or t / 'x.npz'], 'has no "samples" or "arr_0" array'),
     'npz samples not images':   (lambda t, f: ['--images', np.savez(t / 'x.npz', samples=np.zeros([4, 8, 8])) or t / 'x.npz'], 'expected uint8 images'),
     'images and npz together':  (lambda t, f: ['--images', np.savez(t / 'x.npz', samples=f['images']) or write_image_folder(t, f['images'][:3])], 'both image files and .npz'),
     'unreadable image':         (lambda t, f: ['--images', _with_broken_image(t / 'i', f), '--num=2'], 'Cannot read image b.png'),

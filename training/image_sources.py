@@ -2,8 +2,9 @@
 
 Folders and zips are read with training.dataset.ImageFolderDataset (subfolders included, so the
 output of `generate.py --subdirs` works as is). Sample files are `.npz` archives with a `samples`
-array of uint8 NHWC images, as the discriminator-guidance code writes them (`samples_*.npz`); a
-single file or a folder of them may be given. Either way the result is a training.dataset.Dataset,
+array of uint8 NHWC images, as the discriminator-guidance code writes them (`samples_*.npz`), or,
+failing that, an `arr_0` array, as guided-diffusion's samplers and the ADM evaluator's reference
+batches hold them (`np.savez(path, images[, labels])`); a single file or a folder of them may be given. Either way the result is a training.dataset.Dataset,
 so `max_size` / `random_seed` pick the same kind of seeded subset.
 """
 
@@ -17,15 +18,17 @@ from training import dataset
 #----------------------------------------------------------------------------
 
 SAMPLES_KEY = 'samples'
+ARRAY_KEYS = {SAMPLES_KEY: 'label', 'arr_0': 'arr_1'} # Images key -> labels key, in order of preference.
 
-def read_npz_header(path, key=SAMPLES_KEY):
-    """(shape, dtype) of array `key` in an .npz file, read from the header only (no decompression of the data)."""
+def read_npz_header(path):
+    """(key, shape, dtype) of the images array in an .npz file, read from the header only (no decompression of the data)."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = [name[:-len('.npy')] for name in archive.namelist() if name.endswith('.npy')]
-            if key not in names:
-                raise dataset.DatasetError(f'{path} has no "{key}" array (it has: {", ".join(names) or "nothing"}); '
-                    f'sample files must hold uint8 NHWC images under "{key}"')
+            key = next((key for key in ARRAY_KEYS if key in names), None)
+            if key is None:
+                raise dataset.DatasetError(f'{path} has no "samples" or "arr_0" array (it has: {", ".join(names) or "nothing"}); '
+                    f'sample files must hold uint8 NHWC images under "samples"')
             with archive.open(key + '.npy') as f:
                 version = np.lib.format.read_magic(f)
                 if version == (1, 0):
@@ -38,10 +41,10 @@ def read_npz_header(path, key=SAMPLES_KEY):
                     shape, dtype = array.shape, array.dtype
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise dataset.DatasetError(f'Cannot read {path} as an .npz file ({e})') from e
-    return tuple(shape), np.dtype(dtype)
+    return key, tuple(shape), np.dtype(dtype)
 
 class NpzSampleDataset(dataset.Dataset):
-    """Images from the `samples` arrays of one or more .npz files, in file order (files sorted by name)."""
+    """Images from the `samples` (or `arr_0`) arrays of one or more .npz files, in file order (files sorted by name)."""
     def __init__(self,
         path,                   # An .npz file, or a folder whose .npz files (searched recursively) are all read.
         name        = None,     # Dataset name; None = file or folder name without extension.
@@ -61,11 +64,13 @@ class NpzSampleDataset(dataset.Dataset):
             raise dataset.DatasetError(f'No .npz files found in {self._path}')
 
         counts = []
+        self._keys = []
         image_shape = None
         for fname in self._files:
-            shape, dtype = read_npz_header(fname)
+            key, shape, dtype = read_npz_header(fname)
+            self._keys.append(key)
             if len(shape) != 4 or dtype != np.uint8 or shape[3] not in (1, 3):
-                raise dataset.DatasetError(f'"{SAMPLES_KEY}" in {fname} is {dtype} of shape {list(shape)}; '
+                raise dataset.DatasetError(f'"{key}" in {fname} is {dtype} of shape {list(shape)}; '
                     f'expected uint8 images of shape [N, H, W, C] with C = 1 or 3')
             if image_shape is None:
                 image_shape = shape[1:]
@@ -94,18 +99,19 @@ class NpzSampleDataset(dataset.Dataset):
         file_idx = int(np.searchsorted(self._offsets, raw_idx, side='right')) - 1
         if self._loaded[0] != file_idx:
             with np.load(self._files[file_idx]) as npz:
-                self._loaded = (file_idx, npz[SAMPLES_KEY])
+                self._loaded = (file_idx, npz[self._keys[file_idx]])
         return self._loaded[1][raw_idx - self._offsets[file_idx]].transpose(2, 0, 1) # HWC => CHW
 
     def _load_raw_labels(self):
         # Class labels, where every file has them: `label` as generate.py --npz and the
-        # discriminator-guidance code write it (one-hot [N, C]) or as class indices [N].
+        # discriminator-guidance code write it (one-hot [N, C]) or as class indices [N]; `arr_1`
+        # next to `arr_0` as guided-diffusion writes them.
         labels = []
-        for fname in self._files:
+        for fname, key in zip(self._files, self._keys):
             with np.load(fname) as npz:
-                if 'label' not in npz.files:
+                if ARRAY_KEYS[key] not in npz.files:
                     return None
-                labels.append(np.asarray(npz['label']))
+                labels.append(np.asarray(npz[ARRAY_KEYS[key]]))
         labels = np.concatenate(labels)
         if labels.ndim == 1:
             return labels.astype(np.int64)
