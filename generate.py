@@ -52,7 +52,7 @@ def list_presets(ctx, _param, value):
 @click.option('--class', 'class_idx',      help='Class label  [default: random]', metavar='INT',                    type=click.IntRange(min=0), default=None)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT',                                type=click.IntRange(min=1), default=64)
 @click.option('--device',                  help='Device  [default: cuda if available, else cpu]', metavar='cuda|cpu', type=click.Choice(['cuda', 'cpu']), default=None, show_default=False)
-@click.option('--resume',                  help='Skip seeds whose image already exists in --outdir',                is_flag=True)
+@click.option('--resume',                  help='Skip seeds whose image (or --npz file) already exists in --outdir', is_flag=True)
 @click.option('--npz',                     help='Write samples_*.npz files (uint8 "samples", one-hot "label") instead of PNGs', is_flag=True)
 @click.option('--grid/--no-grid',          help='Also write grid.png of the first 256 seeds  [default: when at most 256 seeds]', default=None, show_default=False)
 
@@ -151,8 +151,8 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
         time_min, time_max, boosting, cond)
     if boosting and do_time_shift:
         raise click.ClickException('--boosting adds churn per sample, which --do_time_shift does not support; use one of them')
-    if npz and (resume or subdirs or grid):
-        raise click.ClickException('--npz writes samples_*.npz files; --resume, --subdirs and --grid work with PNG output only')
+    if npz and (subdirs or grid):
+        raise click.ClickException('--npz writes samples_*.npz files; --subdirs and --grid work with PNG output only')
 
     device = dist.init(device)
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -217,9 +217,17 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
 
     # Seeds still to do.
     todo = seeds
-    if resume:
+    if resume and npz:
+        try:
+            done = generation.seeds_in_npz_files(outdir)
+        except ValueError as e:
+            raise click.ClickException(str(e))
+        todo = [seed for seed in seeds if seed not in done]
+    elif resume:
         todo = [seed for seed in seeds if not os.path.isfile(generation.image_path(outdir, seed, subdirs))]
+    if resume:
         dist.print0(f'Resuming: {len(seeds) - len(todo)} of {len(seeds)} images already exist')
+        dist.barrier() # Every rank must see the same files, so no rank may write before all have looked.
 
     # Generate and save.
     dist.print0(f'Generating {len(todo)} images to "{outdir}"...')
@@ -228,7 +236,7 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
     num_batches = len(generation.rank_batches(todo, max_batch_size, rank, world_size))
     for batch in tqdm.tqdm(batches, total=num_batches, unit='batch', disable=(rank != 0)):
         if npz:
-            generation.save_npz(generation.npz_path(outdir, batch.seeds), batch.images, batch.labels, net.label_dim)
+            generation.save_npz(generation.npz_path(outdir, batch.seeds), batch.images, batch.labels, net.label_dim, seeds=batch.seeds)
             continue
         for seed, image in zip(batch.seeds, batch.images):
             generation.save_image(generation.image_path(outdir, seed, subdirs), image)

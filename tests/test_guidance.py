@@ -291,6 +291,30 @@ def test_npz_output_holds_the_png_pixels_and_one_hot_labels(tmp_path, cond_net_p
     assert samples.dtype == np.uint8 and np.array_equal(samples, pngs)
     assert labels.shape == (6, 4) and np.array_equal(labels.sum(axis=1), np.ones(6))
 
+def test_npz_runs_resume_from_the_seeds_their_files_record(tmp_path, cond_net_pkl):
+    common = ['--network', cond_net_pkl, '--seeds=0-9', '--steps=3', '--batch=4', '--npz']
+    generate_ok(*common, '--outdir', tmp_path / 'fresh')
+    generate_ok(*common[:1], cond_net_pkl, '--seeds=0-5', *common[3:], '--outdir', tmp_path / 'resumed') # An interrupted run: seeds 0-5 done.
+    first = sorted(os.listdir(tmp_path / 'resumed'))
+    os.utime(tmp_path / 'resumed' / first[0], (1, 1)) # A resumed run must leave finished files alone.
+    result = generate_ok(*common, '--outdir', tmp_path / 'resumed', '--resume')
+    assert 'Resuming: 6 of 10 images already exist' in result.output
+    assert os.stat(tmp_path / 'resumed' / first[0]).st_mtime == 1
+    fresh, fresh_labels = read_npz(tmp_path / 'fresh')
+    resumed, resumed_labels = read_npz(tmp_path / 'resumed')
+    assert np.array_equal(resumed, fresh) and np.array_equal(resumed_labels, fresh_labels) # Files sort by seed, so the order matches too.
+    seeds = np.concatenate([np.load(tmp_path / 'resumed' / f)['seeds'] for f in sorted(os.listdir(tmp_path / 'resumed'))])
+    assert seeds.tolist() == list(range(10))
+    result = generate_ok(*common, '--outdir', tmp_path / 'resumed', '--resume')
+    assert 'Resuming: 10 of 10 images already exist' in result.output
+
+def test_npz_resume_refuses_files_that_do_not_record_their_seeds(tmp_path, cond_net_pkl):
+    (tmp_path / 'out').mkdir()
+    np.savez(tmp_path / 'out' / 'samples_000000-000003.npz', samples=np.zeros([4, 8, 8, 3], np.uint8))
+    result = invoke(generate.main, '--device=cpu', '--network', cond_net_pkl, '--outdir', tmp_path / 'out', '--seeds=0-5', '--steps=2', '--npz', '--resume')
+    assert result.exit_code != 0 and 'does not record its seeds' in result.stderr.strip().splitlines()[-1]
+    assert os.listdir(tmp_path / 'out') == ['samples_000000-000003.npz']
+
 def test_zero_guidance_weight_on_the_command_line_changes_no_pixel(tmp_path, cond_net_pkl):
     cls_path, disc_path = save_pair(tmp_path)
     common = ['--network', cond_net_pkl, '--seeds=0-3', '--steps=4', '--no-grid']
@@ -326,7 +350,7 @@ def bad_guidance_files(tmp_path):
     (['--discriminator_ckpt={cls}', '--pretrained_classifier_ckpt={disc}'], 'takes 16-channel input'),
     (['--discriminator_ckpt={junk}', '--pretrained_classifier_ckpt={cls}'], 'is not a readable discriminator state dict'),
     (['--discriminator_ckpt=nowhere.pt', '--pretrained_classifier_ckpt={cls}'], 'discriminator file not found: nowhere.pt'),
-    (['--npz', '--resume'], '--resume, --subdirs and --grid work with PNG output only'),
+    (['--npz', '--subdirs'], '--subdirs and --grid work with PNG output only'),
     (['--discriminator_ckpt={disc}', '--pretrained_classifier_ckpt={cls}', '--boosting=1', '--do_time_shift'], 'which --do_time_shift does not support'),
     (['--boosting=1'], '--boosting is for discriminator guidance; add --discriminator_ckpt'),
 ])

@@ -61,14 +61,35 @@ def npz_path(outdir, seeds):
     """One .npz per batch, named after its seeds (`samples_*.npz`, the pattern npz-based tools glob for)."""
     return os.path.join(outdir, f'samples_{seeds[0]:06d}-{seeds[-1]:06d}.npz')
 
-def save_npz(path, images, labels=None, label_dim=0):
+def save_npz(path, images, labels=None, label_dim=0, seeds=None):
     """Write uint8 NHWC images as `samples` and, for class-conditional networks, one-hot float32 `label`
-    (as the discriminator-guidance code writes its samples), atomically."""
+    (as the discriminator-guidance code writes its samples), atomically. `seeds` (int64) records
+    which seeds the file holds, for --resume; tools that read `samples` ignore it."""
     arrays = dict(samples=np.asarray(images, dtype=np.uint8))
     if labels is not None:
         arrays['label'] = np.eye(label_dim, dtype=np.float32)[np.asarray(labels)]
+    if seeds is not None:
+        arrays['seeds'] = np.asarray(seeds, dtype=np.int64)
     with dnnlib.util.atomic_write(path) as f:
         np.savez(f, **arrays)
+
+def seeds_in_npz_files(outdir):
+    """The seeds recorded in outdir's samples_*.npz files (a set; empty if there are none).
+
+    ValueError for a file without a `seeds` record, whose contents cannot be matched to seeds.
+    """
+    done = set()
+    if not os.path.isdir(outdir):
+        return done
+    for fname in sorted(os.listdir(outdir)):
+        if not re.fullmatch(r'samples_.*\.npz', fname):
+            continue
+        path = os.path.join(outdir, fname)
+        with np.load(path) as npz:
+            if 'seeds' not in npz.files:
+                raise ValueError(f'{path} does not record its seeds, so --resume cannot tell which are done; move it out of --outdir')
+            done.update(int(seed) for seed in npz['seeds'])
+    return done
 
 def load_image(path):
     """PNG -> HWC uint8 array (grayscale as one channel)."""
