@@ -58,6 +58,7 @@ def next_run_dir(outdir, desc):
 @click.option('--cres',          help='Channels per resolution  [default: varies]', metavar='LIST', type=parse_int_list)
 @click.option('--lr',            help='Learning rate', metavar='FLOAT',                             type=click.FloatRange(min=0, min_open=True), default=10e-4)
 @click.option('--lr_rampup',     help='Learning rate ramp-up length (EDM fixes it at 10 Mimg)', metavar='KIMG', type=click.FloatRange(min=0), default=10000)
+@click.option('--optimizer',     help='Optimizer (plain SGD as in the MoLRG experiments)', metavar='adam|sgd', type=click.Choice(['adam', 'sgd']), default='adam')
 @click.option('--ema',           help='EMA half-life', metavar='MIMG',                              type=click.FloatRange(min=0), default=0.5)
 @click.option('--dropout',       help='Dropout probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.13)
 @click.option('--augment',       help='Augment probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.12)
@@ -171,7 +172,10 @@ def build_config(opts, device):
         c.data_loader_kwargs.prefetch_factor = 2
     c.network_kwargs = dnnlib.EasyDict()
     c.loss_kwargs = dnnlib.EasyDict()
-    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+    if opts.optimizer == 'sgd': # No momentum, no weight decay: the authors' trainMoLRG.py --optimizer=sgd.
+        c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.SGD', lr=opts.lr)
+    else:
+        c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
 
     # Dataset: must exist, be readable and have labels when --cond.
     if not os.path.exists(opts.data):

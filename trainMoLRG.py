@@ -40,6 +40,7 @@ from training import molrg
 @click.option('--cres',             help='Channels per resolution  [default: 2,2,2]', metavar='LIST', type=train.parse_int_list)
 @click.option('--lr',               help='Learning rate', metavar='FLOAT',                         type=click.FloatRange(min=0, min_open=True), default=10e-4)
 @click.option('--lr_rampup',        help='Learning rate ramp-up length', metavar='KIMG',           type=click.FloatRange(min=0), default=10000)
+@click.option('--optimizer',        help='Optimizer', metavar='adam|sgd',                          type=click.Choice(['adam', 'sgd']), default='adam')
 @click.option('--ema',              help='EMA half-life', metavar='MIMG',                          type=click.FloatRange(min=0), default=0.5)
 @click.option('--dropout',          help='Dropout probability', metavar='FLOAT',                   type=click.FloatRange(min=0, max=1), default=0.13)
 @click.option('--augment',          help='Augment probability', metavar='FLOAT',                   type=click.FloatRange(min=0, max=1), default=0.12)

@@ -231,6 +231,17 @@ def test_trainmolrg_generates_the_dataset_once_and_trains_on_it(tmp_path):
     snapshot = sorted(name for name in os.listdir(conditional_run) if name.startswith('network-snapshot-'))[-1]
     assert checkpoint.load_network(str(conditional_run / snapshot)).label_dim == 2
 
+def test_trainmolrg_trains_with_plain_sgd_when_asked(tmp_path):
+    result = run_train(tmp_path, '--optimizer=sgd', '--lr=0.01')
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    (run,) = (tmp_path / 'training' / 'MoLRG_dataset_resolution4_classnum2_perclassdim3_sample40').iterdir()
+    options = json.load(open(run / 'training_options.json'))
+    assert options['optimizer_kwargs'] == {'class_name': 'torch.optim.SGD', 'lr': 0.01}
+    (state_file,) = [f for f in os.listdir(run) if f.startswith('training-state-')]
+    state = torch.load(run / state_file, weights_only=False)
+    assert 'momentum_buffer' not in str(state['optimizer_state']['state']) and 'exp_avg' not in str(state['optimizer_state']['state'])
+    assert state['optimizer_state']['param_groups'][0]['momentum'] == 0
+
 @pytest.mark.parametrize('args, message', [
     (['--per_class_dim=30'], 'do not fit into 3x4x4 = 48 dimensions'),
     (['--data_seed=5'], 'already exists with data seed 0 (asked for 5)'),
