@@ -14,14 +14,11 @@ import click
 import tqdm
 
 from torch_utils import distributed as dist
-from training import bundled
 from training import checkpoint
 from training import dataset
 from training import discriminator_guidance as dg_lib
 from training import epsilon_scaling
 from training import generation
-from training import molrg
-from training import optimal_denoiser as optimal_denoiser_lib
 from training import presets
 from training import sampler as sampler_lib
 from training import time_shift as time_shift_lib
@@ -161,27 +158,11 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
     if rank != 0:
         dist.barrier()
     try:
-        if optimal_denoiser and molrg_path is not None:
-            raise click.ClickException('--optimal_denoiser and --molrg are two different denoisers; give one')
-        if optimal_denoiser:
-            net = load_optimal_denoiser(dataset_path, network_pkl, sampler_kwargs)
-        elif molrg_path is not None:
-            if network_pkl is not None or dataset_path is not None:
-                raise click.ClickException('--molrg replaces the network; leave out --network and --dataset')
-            dist.print0(f'Loading MoLRG denoiser from "{molrg_path}"...')
-            # Unconditional unless --class is given, so that a seed gives the trajectory an unconditional network would.
-            net = molrg.MoLRGDenoiser.from_file(molrg_path, conditional=(class_idx is not None))
-        else:
-            if dataset_path is not None:
-                raise click.ClickException('--dataset is only used with --optimal_denoiser')
-            if network_pkl is None:
-                network_pkl = bundled.NETWORK
-                if not os.path.isfile(network_pkl):
-                    raise click.ClickException(f'No --network given and the bundled default {network_pkl} is missing')
-            dist.print0(f'Loading network from "{network_pkl}"...')
-            net = checkpoint.load_network(network_pkl, verbose=(rank == 0))
+        net, _source = generation.load_denoiser(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx)
+        if optimal_denoiser and sampler_kwargs.get('solver') is None:
+            sampler_kwargs['solver'] = 'euler' # Zhang et al. take no 2nd order correction with it.
         guidance = load_guidance(net, discriminator_ckpt, pretrained_classifier_ckpt, cond, time_min, time_max) if discriminator_ckpt else None
-    except (checkpoint.CheckpointError, dataset.DatasetError, dg_lib.GuidanceCheckpointError) as e:
+    except (ValueError, checkpoint.CheckpointError, dataset.DatasetError, dg_lib.GuidanceCheckpointError) as e:
         raise click.ClickException(str(e))
     finally:
         if rank == 0:
@@ -273,17 +254,6 @@ def load_guidance(net, discriminator_ckpt, classifier_ckpt, cond, time_min, time
     classifier = dg_lib.load_classifier(classifier_ckpt, net.img_resolution, net.img_channels)
     discriminator = dg_lib.load_discriminator(discriminator_ckpt, classifier, cond)
     return dg_lib.DiscriminatorGuidance(classifier, discriminator, net.img_resolution, time_min=time_min, time_max=time_max)
-
-def load_optimal_denoiser(dataset_path, network_pkl, sampler_kwargs):
-    """The optimal denoiser of --dataset, stepped with Euler unless --solver says otherwise."""
-    if dataset_path is None:
-        raise click.ClickException('--optimal_denoiser needs --dataset=ZIP|DIR, the images it denoises towards')
-    if network_pkl is not None:
-        dist.print0('Note: --network is not used with --optimal_denoiser; image size and channels come from --dataset')
-    if sampler_kwargs.get('solver') is None:
-        sampler_kwargs['solver'] = 'euler' # Zhang et al. take no 2nd order correction with it.
-    dist.print0(f'Loading optimal denoiser images from "{dataset_path}"...')
-    return optimal_denoiser_lib.OptimalDenoiser.from_dataset(dataset_path)
 
 #----------------------------------------------------------------------------
 

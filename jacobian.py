@@ -11,13 +11,10 @@ import click
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import bundled
 from training import checkpoint
 from training import dataset as dataset_lib
 from training import generation
 from training import jacobian_rank
-from training import molrg
-from training import optimal_denoiser as optimal_denoiser_lib
 from training import sampler as sampler_lib
 
 #----------------------------------------------------------------------------
@@ -65,8 +62,8 @@ def main(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx, see
     """
     device = dist.init(device)
     try:
-        net, source = load_denoiser(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx)
-    except (checkpoint.CheckpointError, dataset_lib.DatasetError) as e:
+        net, source = generation.load_denoiser(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx)
+    except (ValueError, checkpoint.CheckpointError, dataset_lib.DatasetError) as e:
         raise click.ClickException(str(e))
     net = net.to(device).eval()
     if class_idx is not None and class_idx >= net.label_dim:
@@ -102,25 +99,6 @@ def main(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx, see
     title = f'{os.path.basename(source)}, seed {seed}' + (f', class {label}' if label is not None else '') + f' ({mode})'
     jacobian_rank.plot_ranks(results, os.path.join(outdir, 'jacobian-rank.png'), title=title, dim=dim)
     print(f'Saved {json_path} and jacobian-rank.png')
-
-#----------------------------------------------------------------------------
-
-def load_denoiser(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx):
-    """(denoiser, name for titles): the network, a MoLRG's exact denoiser, or a dataset's optimal denoiser."""
-    if (dataset_path is not None) != optimal_denoiser:
-        raise click.ClickException('--optimal_denoiser needs --dataset=ZIP|DIR' if optimal_denoiser else '--dataset is only used with --optimal_denoiser')
-    if sum([network_pkl is not None, molrg_path is not None, optimal_denoiser]) > 1:
-        raise click.ClickException('Give one denoiser: --network_pkl, --molrg, or --optimal_denoiser with --dataset')
-    if molrg_path is not None:
-        # Unconditional unless a class is asked for, so that it matches an unconditional network seed by seed.
-        dist.print0(f'Loading MoLRG denoiser from "{molrg_path}"...')
-        return molrg.MoLRGDenoiser.from_file(molrg_path, conditional=(class_idx is not None)), molrg_path
-    if optimal_denoiser:
-        dist.print0(f'Loading optimal denoiser images from "{dataset_path}"...')
-        return optimal_denoiser_lib.OptimalDenoiser.from_dataset(dataset_path), dataset_path
-    network_pkl = network_pkl or bundled.NETWORK
-    dist.print0(f'Loading network from "{network_pkl}"...')
-    return checkpoint.load_network(network_pkl, verbose=True), network_pkl
 
 #----------------------------------------------------------------------------
 

@@ -182,8 +182,8 @@ def test_without_a_denoiser_the_bundled_network_is_measured(tmp_path):
     (['--class=7'], 'out of range: the network has 4 classes'),
     (['--optimal_denoiser'], '--optimal_denoiser needs --dataset'),
     (['--dataset', 'data.zip'], '--dataset is only used with --optimal_denoiser'),
-    (['--optimal_denoiser', '--dataset', 'data.zip'], 'Give one denoiser'),
-    (['--network_pkl', 'net.pkl', '--optimal_denoiser', '--dataset', 'nope.zip'], 'Give one denoiser'),
+    (['--optimal_denoiser', '--molrg', 'x.pt', '--dataset', 'data.zip'], 'two different denoisers; give one'),
+    (['--optimal_denoiser', '--dataset', 'nope.zip'], 'Dataset not found'),
 ])
 def test_bad_input_gives_one_line(tmp_path, cond_pkl, args, message):
     if '--network_pkl' not in args:

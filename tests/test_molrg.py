@@ -263,7 +263,7 @@ def test_jacobian_cli_on_the_mixture_goes_from_all_classes_to_one(tmp_path, smal
     assert steps[0]['rank'] == 15 and steps[-1]['rank'] == 5
 
 @pytest.mark.parametrize('args, message', [
-    (['--molrg=MOLRG', '--network_pkl=x.pkl'], 'Give one denoiser: --network_pkl, --molrg, or --optimal_denoiser'),
+    (['--molrg=MOLRG', '--network_pkl=x.pkl'], '--molrg replaces the network'),
     (['--molrg=MOLRG', '--class=3'], 'out of range: the network has 3 classes'),
     (['--molrg=missing.pt'], 'MoLRG dataset not found: missing.pt'),
 ])

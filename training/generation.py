@@ -12,6 +12,11 @@ import PIL.Image
 import torch
 
 import dnnlib
+from torch_utils import distributed as dist
+from training import bundled
+from training import checkpoint
+from training import molrg
+from training import optimal_denoiser as optimal_denoiser_lib
 from training import sampler as sampler_lib
 
 #----------------------------------------------------------------------------
@@ -43,6 +48,40 @@ def rank_batches(seeds, max_batch_size, rank=0, world_size=1):
     num_batches = ((len(seeds) - 1) // (max_batch_size * world_size) + 1) * world_size
     all_batches = torch.as_tensor(seeds).tensor_split(num_batches)
     return [batch for batch in all_batches[rank::world_size] if len(batch) > 0]
+
+#----------------------------------------------------------------------------
+# What to sample (or measure) with.
+
+def load_denoiser(network_pkl=None, molrg_path=None, optimal_denoiser=False, dataset_path=None, class_idx=None):
+    """(denoiser, the file it came from), for the flags generate.py and jacobian.py share.
+
+    A network pickle (default: the bundled digits model), the exact denoiser of a MoLRG dataset
+    file, or the optimal denoiser of a dataset. ValueError for flags that contradict each other;
+    checkpoint.CheckpointError and dataset.DatasetError from loading.
+    """
+    if optimal_denoiser and molrg_path is not None:
+        raise ValueError('--optimal_denoiser and --molrg are two different denoisers; give one')
+    if optimal_denoiser:
+        if dataset_path is None:
+            raise ValueError('--optimal_denoiser needs --dataset=ZIP|DIR, the images it denoises towards')
+        if network_pkl is not None: # The original needs --network here; accept it for the same command line.
+            dist.print0('Note: --network is not used with --optimal_denoiser; image size and channels come from --dataset')
+        dist.print0(f'Loading optimal denoiser images from "{dataset_path}"...')
+        return optimal_denoiser_lib.OptimalDenoiser.from_dataset(dataset_path), dataset_path
+    if molrg_path is not None:
+        if network_pkl is not None or dataset_path is not None:
+            raise ValueError('--molrg replaces the network; leave out --network and --dataset')
+        dist.print0(f'Loading MoLRG denoiser from "{molrg_path}"...')
+        # Unconditional unless a class is asked for, so that a seed gives the trajectory an unconditional network would.
+        return molrg.MoLRGDenoiser.from_file(molrg_path, conditional=(class_idx is not None)), molrg_path
+    if dataset_path is not None:
+        raise ValueError('--dataset is only used with --optimal_denoiser')
+    if network_pkl is None:
+        network_pkl = bundled.NETWORK
+        if not os.path.isfile(network_pkl):
+            raise ValueError(f'No --network given and the bundled default {network_pkl} is missing')
+    dist.print0(f'Loading network from "{network_pkl}"...')
+    return checkpoint.load_network(network_pkl, verbose=(dist.get_rank() == 0)), network_pkl
 
 #----------------------------------------------------------------------------
 # Output file names.
