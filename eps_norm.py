@@ -2,21 +2,25 @@
 
 For a network and sampler settings: the mean L2 norm of the predicted noise at every sampling step,
 along real sampling trajectories and on training images noised to the same sigma, plus the variance
-error (Ning et al., Fig. 6). Writes eps_norm.json, eps_norm.csv and eps_norm.png to --outdir. With
---calibrate, also fits the scaler that makes the two norms agree and prints the generate.py command.
+error (Ning et al., Fig. 6). Writes eps_norm.json, eps_norm.csv, eps_norm.png and settings.json to
+--outdir. With --calibrate, also fits the scaler that makes the two norms agree, says whether the fit
+converged, and prints the generate.py command.
 """
 
 import os
 import shlex
+import time
 
 import click
 import numpy as np
+import tqdm
 
 from torch_utils import distributed as dist
 from training import bundled
 from training import checkpoint
 from training import epsilon_scaling
 from training import exposure_bias_metrics as metrics
+from training import run_record
 from training.dataset import DatasetError, ImageFolderDataset
 
 #----------------------------------------------------------------------------
@@ -76,10 +80,12 @@ def main(network_pkl, data, outdir, num, num_steps, solver, discretization, sche
     python eps_norm.py --outdir=results/cifar --network=edm-cifar10-32x32-uncond-vp.pkl \\
         --data=datasets/cifar10-32x32.zip --steps=18 --calibrate
     """
+    start = time.time()
     device = dist.init(device)
     network_pkl = network_pkl or bundled.NETWORK
     data = data or bundled.DATA
     try:
+        run_record.check_outdir(outdir)
         epsilon_scaling.check_eps_scaler(eps_scaler, kappa, num_steps)
         net = checkpoint.load_network(network_pkl).to(device)
         images, labels = load_training_images(data, net, num)
@@ -89,27 +95,33 @@ def main(network_pkl, data, outdir, num, num_steps, solver, discretization, sche
     seeds = list(range(num))
 
     print(f'Measuring {num_steps} steps on {num} trajectories and {len(images)} training images...')
-    result = metrics.measure(net, images, labels, seeds, sampler_kwargs, eps_scaler, kappa, batch_size, device)
+    result = metrics.measure(net, images, labels, seeds, sampler_kwargs, eps_scaler, kappa, batch_size, device, progress=True)
     curves = {f'eps_scaler={eps_scaler:g}' + (f', kappa={kappa:g}' if kappa else ''): result}
     for i, (sigma, c, s, v) in enumerate(zip(result['sigma'], result['eps_norm_consecutive'], result['eps_norm_single_step'], result['variance_error'])):
         print(f'step {i:3d}  sigma {sigma:9.4f}  eps norm: consecutive {c:8.4f}  single step {s:8.4f}  ratio {c / s:7.4f}  variance error {v * 100:+7.2f}%')
 
     if calibrate:
         fitted, history, measured = metrics.calibrate(net, images, labels, seeds, sampler_kwargs, rounds, batch_size, device,
-            progress=lambda h: print(f'calibration round {h["round"]}: constant {h["constant"]:.5f} '
-                f'(log fitted/used {h["residual"]:+.5f}), linear {h["linear"][0]:.5f} + {h["linear"][1]:.6f} i'))
+            progress=lambda h: tqdm.tqdm.write(f'calibration round {h["round"]}: constant {h["constant"]:.5f} '
+                f'(log fitted/used {h["residual"]:+.5f}), linear {h["linear"][0]:.5f} + {h["linear"][1]:.6f} i'), progress_bars=True)
         result['calibration'] = dict(fitted, history=history)
-        curves[f'calibrated eps_scaler={fitted["eps_scaler"]:.4f}'] = measured['calibrated']
+        label = 'calibrated' if fitted['converged'] else 'not converged'
+        curves[f'{label} eps_scaler={fitted["eps_scaler"]:.4f}'] = measured['calibrated']
         print()
-        print('Constant scaler:')
+        print(metrics.describe_calibration(fitted))
+        print('Constant scaler' + ('' if fitted['converged'] else ' (best measured, not converged)') + ':')
         print('  ' + generate_command(network_pkl, sampler_kwargs, fitted['eps_scaler']))
         print('Linear schedule:')
         print('  ' + generate_command(network_pkl, sampler_kwargs, fitted['linear_eps_scaler'], fitted['linear_kappa']))
 
     os.makedirs(outdir, exist_ok=True)
+    run_record.write_settings(os.path.join(outdir, 'settings.json'), dict(tool='eps_norm.py',
+        network=run_record.file_record(network_pkl), data=run_record.file_record(data), seeds=f'0-{num - 1}', num=num,
+        sampler=sampler_kwargs, eps_scaler=eps_scaler, kappa=kappa, calibrate=calibrate, rounds=rounds,
+        calibration_tolerance=metrics.CONVERGENCE_TOLERANCE, calibration=result.get('calibration')))
     metrics.save_curves(result, outdir)
     metrics.plot_curves(curves, os.path.join(outdir, 'eps_norm.png'), title=f'{os.path.basename(network_pkl)}, {num_steps} steps, {solver or "heun"}')
-    print(f'Wrote eps_norm.json, eps_norm.csv and eps_norm.png to "{outdir}"')
+    print(f'Wrote eps_norm.json, eps_norm.csv, eps_norm.png and settings.json to "{outdir}" in {time.time() - start:.0f} s')
 
 #----------------------------------------------------------------------------
 

@@ -20,7 +20,9 @@ are least-squares fits of r_i, weighted so that steps count by their single-step
     linear:   (a, kappa) = argmin sum s_i^2 (r_i - a - kappa i)^2.
 
 Scaling changes the trajectory and with it the consecutive norms, so `calibrate` re-measures with
-the fitted scaler and refits (a fixed point, reached in 2-3 rounds since lambda is close to 1).
+the fitted scaler and takes secant steps towards the root of the residual h (see calibrate()); it
+reports the residual |h| of the scaler it returns and whether that is within tolerance, so that a
+calibration cut short by too few rounds is not taken for a converged one.
 """
 
 import json
@@ -28,6 +30,7 @@ import os
 
 import numpy as np
 import torch
+import tqdm
 
 import dnnlib
 from training import epsilon_scaling
@@ -77,16 +80,17 @@ def sampler_sigmas(net, sampler_kwargs):
 
 #----------------------------------------------------------------------------
 
-def consecutive_statistics(net, seeds, sampler_kwargs, eps_scaler=1.0, kappa=0.0, batch_size=64, device=torch.device('cpu')):
+def consecutive_statistics(net, seeds, sampler_kwargs, eps_scaler=1.0, kappa=0.0, batch_size=64, device=torch.device('cpu'), progress=None):
     """Per step: mean eps norm of the network along real sampling trajectories, and mean variance of x.
 
     The recorded eps is the network's own, before epsilon scaling; the trajectories follow the
-    scaled sampler, as they would in generation.
+    scaled sampler, as they would in generation. `progress`: a tqdm description to show a bar per batch.
     """
     kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
     sampler_fn = sampler_lib.ablation_sampler if generation.uses_ablation_sampler(kwargs) else sampler_lib.edm_sampler
     recorder = StepRecorder(None)
-    for batch_seeds in generation.rank_batches(seeds, batch_size):
+    batches = generation.rank_batches(seeds, batch_size)
+    for batch_seeds in tqdm.tqdm(batches, desc=progress, unit='batch', leave=False, disable=(progress is None)):
         rnd = sampler_lib.StackedRandomGenerator(device, batch_seeds)
         latents = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
         labels = generation.class_labels_for_seeds(net, rnd, len(batch_seeds), device=device)
@@ -96,15 +100,16 @@ def consecutive_statistics(net, seeds, sampler_kwargs, eps_scaler=1.0, kappa=0.0
             sampler_fn(net, latents, labels, randn_like=rnd.randn_like, denoise=epsilon_scaling.with_epsilon_scaling(recorder, eps_scaler, kappa), **kwargs)
     return recorder.means()
 
-def single_step_statistics(net, images, labels, sigmas, seed=0, batch_size=256):
+def single_step_statistics(net, images, labels, sigmas, seed=0, batch_size=256, progress=None):
     """Per noise level: mean eps norm on training images noised to it, and mean variance of those inputs.
 
-    images: uint8 NCHW; labels: float one-hot [N, label_dim] or None.
+    images: uint8 NCHW; labels: float one-hot [N, label_dim] or None. `progress`: a tqdm description
+    to show a bar per noise level.
     """
     device = next(iter(list(net.parameters()) + list(net.buffers())), torch.zeros([])).device
     generator = torch.Generator().manual_seed(seed)
     norms, variances = [], []
-    for sigma in sigmas:
+    for sigma in tqdm.tqdm(sigmas, desc=progress, unit='step', leave=False, disable=(progress is None)):
         norm_sum, variance_sum = 0.0, 0.0
         for start in range(0, len(images), batch_size):
             y = torch.as_tensor(images[start:start + batch_size]).to(torch.float64) / 127.5 - 1
@@ -151,18 +156,24 @@ def curves(sigmas, consecutive, sampled_variance, single_step, training_variance
         eps_scaler=eps_scaler, kappa=kappa,
     )
 
-def measure(net, images, labels, seeds, sampler_kwargs, eps_scaler=1.0, kappa=0.0, batch_size=64, device=torch.device('cpu')):
+def measure(net, images, labels, seeds, sampler_kwargs, eps_scaler=1.0, kappa=0.0, batch_size=64, device=torch.device('cpu'), progress=False):
     """Both curves and the variance error for one sampler setting, as a dict of lists."""
     sigmas = sampler_sigmas(net, sampler_kwargs).cpu().numpy()
-    consecutive, sampled_variance = consecutive_statistics(net, seeds, sampler_kwargs, eps_scaler, kappa, batch_size, device)
-    single_step, training_variance = single_step_statistics(net, images, labels, sigmas)
+    consecutive, sampled_variance = consecutive_statistics(net, seeds, sampler_kwargs, eps_scaler, kappa, batch_size, device,
+        progress=('sampling trajectories' if progress else None))
+    single_step, training_variance = single_step_statistics(net, images, labels, sigmas, progress=('noised training images' if progress else None))
     return curves(sigmas, consecutive, sampled_variance, single_step, training_variance, eps_scaler, kappa)
 
-def calibrate(net, images, labels, seeds, sampler_kwargs, rounds=3, batch_size=64, device=torch.device('cpu'), progress=None):
+CONVERGENCE_TOLERANCE = 1e-3 # On |h|, a relative error of the fit; near the root dh/dl is of order 1-5, so the scaler is within ~1e-3 or better.
+
+def calibrate(net, images, labels, seeds, sampler_kwargs, rounds=3, batch_size=64, device=torch.device('cpu'), progress=None,
+    tolerance=CONVERGENCE_TOLERANCE, progress_bars=False):
     """Fit the constant and the linear scaler by repeated measurement.
 
     Returns (result dict, history, measured): `measured` holds the curves (as measure() gives them)
-    at eps_scaler 1 and at the calibrated scaler, which calibration has measured anyway.
+    at eps_scaler 1 and at the calibrated scaler, which calibration has measured anyway. The result
+    dict holds eps_scaler, its residual h, `converged` (|h| <= tolerance) and the linear schedule;
+    a calibration that has not converged is still the best scaler measured, not a calibrated one.
 
     The constant scaler is the root of h(l) = log fit(c(l)) - log l, where c(l) are the network's
     raw eps norms along trajectories sampled with scaler l and fit() is fit_constant_scaler against
@@ -178,9 +189,10 @@ def calibrate(net, images, labels, seeds, sampler_kwargs, rounds=3, batch_size=6
     calibrated level.
     """
     sigmas = sampler_sigmas(net, sampler_kwargs).cpu().numpy()
-    single_step, training_variance = single_step_statistics(net, images, labels, sigmas)
+    single_step, training_variance = single_step_statistics(net, images, labels, sigmas, progress=('noised training images' if progress_bars else None))
     def residual(scaler):
-        consecutive, sampled_variance = consecutive_statistics(net, seeds, sampler_kwargs, scaler, 0.0, batch_size, device)
+        consecutive, sampled_variance = consecutive_statistics(net, seeds, sampler_kwargs, scaler, 0.0, batch_size, device,
+            progress=(f'trajectories at eps_scaler {scaler:.5f}' if progress_bars else None))
         h = float(np.log(fit_constant_scaler(consecutive, single_step)) - np.log(scaler))
         return h, curves(sigmas, consecutive, sampled_variance, single_step, training_variance, scaler)
 
@@ -200,10 +212,18 @@ def calibrate(net, images, labels, seeds, sampler_kwargs, rounds=3, batch_size=6
             progress(history[-1])
     best = min(points, key=lambda point: abs(point[1]))
     linear = fit_linear_scaler(best[2]['eps_norm_consecutive'], single_step)
-    fitted = dict(eps_scaler=best[0], residual=best[1], linear_eps_scaler=linear[0], linear_kappa=linear[1])
+    fitted = dict(eps_scaler=best[0], residual=best[1], converged=bool(abs(best[1]) <= tolerance), tolerance=tolerance,
+        linear_eps_scaler=linear[0], linear_kappa=linear[1])
     return fitted, history, dict(plain=points[0][2], calibrated=best[2])
 
 #----------------------------------------------------------------------------
+
+def describe_calibration(fitted):
+    """One line: the scaler, its residual, and whether the calibration converged."""
+    if fitted['converged']:
+        return f'calibrated eps_scaler {fitted["eps_scaler"]:.5f} (converged: |h| = {abs(fitted["residual"]):.2e} <= {fitted["tolerance"]:.0e})'
+    return (f'calibration did NOT converge: best eps_scaler measured {fitted["eps_scaler"]:.5f} has |h| = {abs(fitted["residual"]):.2e} '
+        f'> {fitted["tolerance"]:.0e}; run more --rounds')
 
 def save_curves(result, outdir, name='eps_norm'):
     """JSON and CSV of a measure() result, written atomically."""
