@@ -19,7 +19,9 @@ from training import dataset
 from training import discriminator_guidance as dg_lib
 from training import epsilon_scaling
 from training import generation
+from training import exposure_bias_metrics as metrics
 from training import presets
+from training import run_record
 from training import sampler as sampler_lib
 from training import time_shift as time_shift_lib
 
@@ -51,7 +53,8 @@ def list_presets(ctx, _param, value):
 @click.option('--device',                  help='Device  [default: cuda if available, else cpu]', metavar='cuda|cpu', type=click.Choice(['cuda', 'cpu']), default=None, show_default=False)
 @click.option('--resume',                  help='Skip seeds whose image (or --npz file) already exists in --outdir', is_flag=True)
 @click.option('--npz',                     help='Write samples_*.npz files (uint8 "samples", one-hot "label") instead of PNGs', is_flag=True)
-@click.option('--grid/--no-grid',          help='Also write grid.png of the first 256 seeds  [default: when at most 256 seeds]', default=None, show_default=False)
+@click.option('--grid',                    help='Write a grid of the first 256 seeds here  [default: <outdir>-grid.png, beside --outdir, when at most 256 seeds]', metavar='PNG', type=str, default=None, show_default=False)
+@click.option('--no-grid', 'no_grid',      help='Write no grid', is_flag=True)
 
 @click.option('--steps', 'num_steps',      help='Number of sampling steps', metavar='INT',                          type=click.IntRange(min=1), default=18)
 @click.option('--sigma_min',               help='Lowest noise level  [default: varies]', metavar='FLOAT',           type=click.FloatRange(min=0, min_open=True))
@@ -72,7 +75,8 @@ def list_presets(ctx, _param, value):
 @click.option('--do_time_shift',           help='Time-shift sampling (TS-DPM)',                                     is_flag=True)
 @click.option('--cutoff',                  help='Time shift: no shift at or below this index of the 1000-step grid', metavar='INT', type=int, default=300)
 @click.option('--window',                  help='Time shift: search window, in steps of the 1000-step grid', metavar='INT', type=int, default=80)
-@click.option('--ts_rule',                 help='Time shift: the authors\' released code or the paper\'s rule', metavar='released|paper', type=click.Choice(['released', 'paper']), default='released')
+@click.option('--ts_rule',                 help='Time shift: the authors\' released code or the paper\'s rule', metavar='auto|released|paper', type=click.Choice(['auto', 'released', 'paper']), default='auto',
+    show_default='auto: released for Euler on a VP/iDDPM network with --disc=vp|iddpm, else paper')
 
 @click.option('--discriminator_ckpt',      help='Discriminator guidance: discriminator state dict (discriminator_*.pt)', metavar='PT', type=str)
 @click.option('--pretrained_classifier_ckpt', help='Discriminator guidance: ADM feature classifier (32x32_classifier.pt)', metavar='PT', type=str)
@@ -90,7 +94,7 @@ def list_presets(ctx, _param, value):
 @click.option('--list-presets',            help='Print the presets and exit', is_flag=True, expose_value=False, is_eager=True, callback=list_presets)
 
 @click.pass_context
-def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device, resume, npz, grid,
+def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device, resume, npz, grid, no_grid,
     eps_scaler, kappa, do_time_shift, cutoff, window, ts_rule, discriminator_ckpt, pretrained_classifier_ckpt,
     dg_weight_1st_order, dg_weight_2nd_order, time_min, time_max, boosting, cond, optimal_denoiser, dataset_path, molrg_path, preset,
     **sampler_kwargs):
@@ -99,7 +103,7 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
     Examples:
 
     \b
-    # 64 images and a grid from the bundled digits model (offline, CPU)
+    # 64 images in out/ (only the images), out-grid.png and out-settings.json beside it; bundled digits model
     python generate.py --outdir=out --seeds=0-63
 
     \b
@@ -150,6 +154,16 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
         raise click.ClickException('--boosting adds churn per sample, which --do_time_shift does not support; use one of them')
     if npz and (subdirs or grid):
         raise click.ClickException('--npz writes samples_*.npz files; --subdirs and --grid work with PNG output only')
+    if grid is not None and no_grid:
+        raise click.ClickException('--grid=PNG and --no-grid contradict each other; give one')
+    try:
+        run_record.check_outdir(outdir)
+    except ValueError as e:
+        raise click.ClickException(str(e))
+    grid_path = grid if grid is not None else (None if no_grid or npz or len(seeds) > 256 else run_record.beside(outdir, '-grid.png'))
+    grid_folder, image_folder = os.path.dirname(os.path.abspath(grid_path or '.')), os.path.abspath(outdir)
+    if grid_path is not None and (grid_folder == image_folder or grid_folder.startswith(image_folder + os.sep)):
+        raise click.ClickException(f'--grid={grid} is inside --outdir, which must hold the images only; put the grid beside it')
 
     device = dist.init(device)
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -180,6 +194,8 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
         if do_time_shift:
             solver = sampler_kwargs.get('solver') or 'heun'
             discretization = sampler_kwargs.get('discretization') or 'edm'
+            ts_rule = time_shift_lib.choose_rule(ts_rule, solver, discretization, net)
+            dist.print0(f'Time shift: the {ts_rule} rule (--ts_rule={ts_rule}), cutoff {cutoff}, window {window}')
             time_shift_lib.check_time_shift(ts_rule, cutoff, window, solver, discretization, net)
             if sampler_kwargs['S_churn'] != 0:
                 raise ValueError('--do_time_shift works with deterministic sampling only; leave --S_churn at 0')
@@ -210,6 +226,15 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
         dist.print0(f'Resuming: {len(seeds) - len(todo)} of {len(seeds)} images already exist')
         dist.barrier() # Every rank must see the same files, so no rank may write before all have looked.
 
+    # What changes the images, beside the folder (it holds the images only).
+    if rank == 0:
+        run_record.write_settings(run_record.beside(outdir, '-settings.json'), generation_settings(
+            net, _source, network_pkl, molrg_path, optimal_denoiser, dataset_path, preset, seeds, subdirs, class_idx, npz, max_batch_size, device,
+            sampler_kwargs, eps_scaler, kappa, do_time_shift and dict(rule=ts_rule, cutoff=cutoff, window=window),
+            discriminator_ckpt and dict(discriminator_ckpt=run_record.file_record(discriminator_ckpt),
+                pretrained_classifier_ckpt=run_record.file_record(pretrained_classifier_ckpt), dg_weight_1st_order=dg_weight_1st_order,
+                dg_weight_2nd_order=dg_weight_2nd_order, time_min=time_min, time_max=time_max, boosting=boosting, cond=cond)))
+
     # Generate and save.
     dist.print0(f'Generating {len(todo)} images to "{outdir}"...')
     batches = generation.generate_images(net, todo, max_batch_size=max_batch_size, class_idx=class_idx, device=device,
@@ -223,13 +248,26 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
             generation.save_image(generation.image_path(outdir, seed, subdirs), image)
 
     dist.barrier()
-    if (grid if grid is not None else len(seeds) <= 256) and rank == 0 and not npz:
+    if grid_path is not None and rank == 0:
         images = [generation.load_image(generation.image_path(outdir, seed, subdirs)) for seed in seeds[:256]]
-        generation.save_image_grid(os.path.join(outdir, 'grid.png'), images)
+        generation.save_image_grid(grid_path, images)
+        dist.print0(f'Wrote the grid to "{grid_path}"')
     dist.print0('Done.')
     dist.shutdown()
 
 #----------------------------------------------------------------------------
+
+def generation_settings(net, source, network_pkl, molrg_path, optimal_denoiser, dataset_path, preset, seeds, subdirs, class_idx, npz,
+    max_batch_size, device, sampler_kwargs, eps_scaler, kappa, time_shift, guidance):
+    """Everything that changes the images, as used (preset expanded), for <outdir>-settings.json."""
+    sampler = {k: v for k, v in sampler_kwargs.items() if k != 'time_shift'}
+    sampler['sampler'] = 'generalized (ablation)' if generation.uses_ablation_sampler(sampler) else 'edm'
+    sampler['sigma_steps'] = [float(s) for s in metrics.sampler_sigmas(net, sampler).tolist()] # What --sigma_min/--sigma_max/--rho resolve to.
+    denoiser = ('optimal denoiser' if optimal_denoiser else 'MoLRG denoiser' if molrg_path else 'network')
+    return dict(tool='generate.py', denoiser=denoiser, denoiser_class=type(net).__name__, network=run_record.file_record(source),
+        network_given=network_pkl, preset=preset, seeds=generation.format_seeds(seeds), num_images=len(seeds), class_idx=class_idx,
+        subdirs=subdirs, npz=npz, batch=max_batch_size, device=str(device), sampler=sampler,
+        eps_scaling=dict(eps_scaler=eps_scaler, kappa=kappa), time_shift=(time_shift or None), discriminator_guidance=(guidance or None))
 
 def check_guidance_flags(discriminator_ckpt, classifier_ckpt, weight_1st, weight_2nd, time_min, time_max, boosting, cond):
     """Refuse inconsistent discriminator-guidance flags; returns the 1st-order weight to use."""

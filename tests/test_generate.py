@@ -81,12 +81,19 @@ def test_resume_generates_only_missing_images_and_they_match_a_fresh_run(tmp_pat
     assert_same_images(fresh, read_images(out))
     assert not [name for name in os.listdir(out) if not name.endswith('.png')] # No temporary files left behind.
 
-def test_grid_tiles_the_generated_images(tmp_path, uncond_net_pkl):
-    generate_in_process('--network', uncond_net_pkl, '--outdir', tmp_path, '--seeds=0-5', '--steps=2', '--grid')
-    grid = np.asarray(PIL.Image.open(tmp_path / 'grid.png'))
-    images = read_images(tmp_path)
-    assert grid.shape == (2 * 8, 3 * 8, 3)
-    assert np.array_equal(grid[8:16, 0:8], images['000003.png'])
+def test_grid_tiles_the_generated_images_beside_the_image_folder(tmp_path, uncond_net_pkl):
+    out = tmp_path / 'out'
+    generate_in_process('--network', uncond_net_pkl, '--outdir', out, '--seeds=0-5', '--steps=2')
+    assert sorted(os.listdir(out)) == [f'{seed:06d}.png' for seed in range(6)] # The folder is the image set, nothing else.
+    grid = np.asarray(PIL.Image.open(tmp_path / 'out-grid.png'))
+    images = read_images(out)
+    assert grid.shape == (2 * 8 + 1, 3 * 8 + 2, 3) # 1 px between 8 px images.
+    assert np.array_equal(grid[9:17, 0:8], images['000003.png'])
+    assert np.array_equal(grid[0:8, 9:17], images['000001.png'])
+    assert (grid[8, :] == 255).all() and (grid[:, 8] == 255).all()
+    elsewhere = tmp_path / 'grids' / 'g.png'
+    generate_in_process('--network', uncond_net_pkl, '--outdir', tmp_path / 'out2', '--seeds=0-5', '--steps=2', f'--grid={elsewhere}')
+    assert elsewhere.is_file() and not (tmp_path / 'out2-grid.png').exists()
 
 #----------------------------------------------------------------------------
 # Bad input: one line, non-zero exit, no traceback, nothing written.

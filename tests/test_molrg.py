@@ -276,9 +276,10 @@ def test_jacobian_cli_bad_molrg_input_gives_one_line(tmp_path, small, args, mess
     assert not (tmp_path / 'out').exists()
 
 def test_generate_cli_samples_the_mixture_with_its_denoiser(tmp_path, small):
-    result = CliRunner().invoke(generate.main, ['--device=cpu', f'--molrg={small}', '--seeds=0-3', '--class=2', f'--outdir={tmp_path}'])
+    result = CliRunner().invoke(generate.main, ['--device=cpu', f'--molrg={small}', '--seeds=0-3', '--class=2', f'--outdir={tmp_path / "out"}'])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    assert sorted(os.listdir(tmp_path)) == ['000000.png', '000001.png', '000002.png', '000003.png', 'grid.png']
+    assert sorted(os.listdir(tmp_path / 'out')) == ['000000.png', '000001.png', '000002.png', '000003.png']
+    assert (tmp_path / 'out-grid.png').is_file()
     bad = CliRunner().invoke(generate.main, ['--device=cpu', f'--molrg={small}', '--optimal_denoiser', f'--outdir={tmp_path / "bad"}'])
     assert bad.exit_code != 0 and bad.stderr.strip().splitlines()[-1].startswith('Error: --optimal_denoiser and --molrg')
 

@@ -41,6 +41,18 @@ def parse_seeds(spec):
             raise ValueError(f'"{part}" is not a seed or a range like 0-63')
     return seeds
 
+def format_seeds(seeds):
+    """[0, 1, 2, 5] -> '0-2,5', the inverse of parse_seeds."""
+    parts, start, prev = [], None, None
+    for seed in list(seeds) + [None]:
+        if seed is not None and prev is not None and seed == prev + 1:
+            prev = seed
+            continue
+        if start is not None:
+            parts.append(f'{start}' if start == prev else f'{start}-{prev}')
+        start = prev = seed
+    return ','.join(parts)
+
 def rank_batches(seeds, max_batch_size, rank=0, world_size=1):
     """This rank's share of `seeds`, as a list of int64 tensors of at most max_batch_size seeds."""
     if len(seeds) == 0:
@@ -135,16 +147,19 @@ def load_image(path):
     image = np.asarray(PIL.Image.open(path))
     return image[:, :, None] if image.ndim == 2 else image
 
-def save_image_grid(path, images, grid_width=None):
-    """Tile N HWC uint8 images into one PNG, grid_width images per row (default: square-ish)."""
+def save_image_grid(path, images, grid_width=None, spacing=None, background=255):
+    """Tile N HWC uint8 images into one PNG, grid_width images per row (default: square-ish), with
+    `spacing` pixels of `background` between them (default: 1 px below 32 px images, else 2 px)."""
     images = np.asarray(images)
     n, h, w, c = images.shape
     gw = grid_width if grid_width is not None else int(np.ceil(np.sqrt(n)))
     gh = int(np.ceil(n / gw))
-    canvas = np.zeros([gh * h, gw * w, c], dtype=np.uint8)
+    pad = spacing if spacing is not None else (1 if max(h, w) < 32 else 2)
+    canvas = np.full([gh * h + (gh - 1) * pad, gw * w + (gw - 1) * pad, c], background, dtype=np.uint8)
     for k in range(n):
         y, x = divmod(k, gw)
-        canvas[y * h:(y + 1) * h, x * w:(x + 1) * w] = images[k]
+        top, left = y * (h + pad), x * (w + pad)
+        canvas[top:top + h, left:left + w] = images[k]
     save_image(path, canvas)
 
 #----------------------------------------------------------------------------

@@ -162,6 +162,14 @@ class TimeShift:
 
 #----------------------------------------------------------------------------
 
+def choose_rule(rule, solver, discretization, net):
+    """The rule --ts_rule=auto stands for: the released one where it applies (Euler on the uniform
+    grid of a VP or iDDPM network, as in the authors' code), else the paper's, which serves any sampler."""
+    if rule != 'auto':
+        return rule
+    released_applies = solver == 'euler' and discretization in ('vp', 'iddpm') and type(net).__name__ in ('VPPrecond', 'iDDPMPrecond')
+    return 'released' if released_applies else 'paper'
+
 def check_time_shift(rule, cutoff, window, solver, discretization, net):
     """ValueError with a readable reason for settings time shift cannot serve."""
     if window < 1:
