@@ -15,6 +15,7 @@ from training import checkpoint
 from training import dataset as dataset_lib
 from training import generation
 from training import jacobian_rank
+from training import run_record
 from training import sampler as sampler_lib
 
 #----------------------------------------------------------------------------
@@ -32,7 +33,7 @@ from training import sampler as sampler_lib
 @click.option('--rho',                     help='Time step exponent', metavar='FLOAT',                           type=click.FloatRange(min=0, min_open=True), default=7)
 @click.option('--fast',                    help='Estimate the rank with a randomized sketch instead of the full Jacobian', is_flag=True)
 @click.option('--chunk', 'chunk_size',     help='Jacobian products per vectorized batch (memory vs. speed)', metavar='INT', type=click.IntRange(min=1), default=64)
-@click.option('--outdir',                  help='Where to write jacobian-rank.json and jacobian-rank.png', metavar='DIR', type=str, default='.')
+@click.option('--outdir',                  help='Where to write jacobian-rank.json and jacobian-rank.png', metavar='DIR', type=str, default='out-jacobian')
 @click.option('--device',                  help='Device  [default: cuda if available, else cpu]', metavar='cuda|cpu', type=click.Choice(['cuda', 'cpu']), default=None, show_default=False)
 def main(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx, seed, num_steps, sigma_min, sigma_max, rho, fast, chunk_size, outdir, device):
     """Rank of the Jacobian of D(x; sigma) at each step of an EDM sampling trajectory.
@@ -62,10 +63,12 @@ def main(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx, see
     """
     device = dist.init(device)
     try:
+        run_record.check_outdir(outdir)
         net, source = generation.load_denoiser(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx)
     except (ValueError, checkpoint.CheckpointError, dataset_lib.DatasetError) as e:
         raise click.ClickException(str(e))
     net = net.to(device).eval()
+    print(f'Denoiser: {type(net).__module__}.{type(net).__name__}' + (f' around {type(net.model).__name__}' if hasattr(net, 'model') else ''))
     if class_idx is not None and class_idx >= net.label_dim:
         raise click.ClickException(f'--class={class_idx} is out of range: the network has {net.label_dim} classes' if net.label_dim
             else f'--class={class_idx} given, but the network is unconditional')
@@ -93,12 +96,15 @@ def main(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx, see
     network_pkl = None if molrg_path or optimal_denoiser else source # The bundled network when none was named.
     summary = dict(network=network_pkl, molrg=molrg_path, dataset=dataset_path, seed=seed, class_idx=label, mode=mode, dim=dim, fraction=jacobian_rank.ENERGY_FRACTION,
         num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, steps=results)
+    run_record.write_settings(os.path.join(outdir, 'settings.json'), dict(tool='jacobian.py', denoiser_class=f'{type(net).__module__}.{type(net).__name__}',
+        network=run_record.file_record(network_pkl), molrg=run_record.file_record(molrg_path), dataset=run_record.file_record(dataset_path),
+        seed=seed, class_idx=label, mode=mode, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, chunk=chunk_size))
     json_path = os.path.join(outdir, 'jacobian-rank.json')
     with dnnlib.util.atomic_write(json_path, mode='w') as f:
         json.dump(summary, f, indent=2)
     title = f'{os.path.basename(source)}, seed {seed}' + (f', class {label}' if label is not None else '') + f' ({mode})'
     jacobian_rank.plot_ranks(results, os.path.join(outdir, 'jacobian-rank.png'), title=title, dim=dim)
-    print(f'Saved {json_path} and jacobian-rank.png')
+    print(f'Saved {json_path}, jacobian-rank.png and settings.json')
 
 #----------------------------------------------------------------------------
 

@@ -4,6 +4,8 @@ See training/exposure_bias_study.py for what is measured. Defaults run the bundl
 data, detector and reference statistics, offline on a CPU.
 """
 
+import os
+import re
 import time
 
 import click
@@ -16,6 +18,7 @@ from training import checkpoint
 from training import exposure_bias_study
 from training import feature_detectors
 from training import frechet
+from training import run_record
 from training.dataset import DatasetError
 
 #----------------------------------------------------------------------------
@@ -34,7 +37,8 @@ class FloatList(click.ParamType):
         return values
 
 @click.command(context_settings=dict(show_default=True, max_content_width=120))
-@click.option('--outdir',      help='Where to write the results', metavar='DIR', type=str, default='results/study')
+@click.option('--outdir',      help='Where to write the results; a folder with the same settings is continued  [default: a new study-runs/NNNNN-<network>]', metavar='DIR', type=str, show_default=False)
+@click.option('--restart',     help='Start the study in --outdir over, whatever it holds', is_flag=True)
 @click.option('--network',     'network_pkl', help='Network pickle  [default: the bundled digits model]', metavar='PATH|URL', type=str, show_default=False)
 @click.option('--data',        help='Training images  [default: the bundled digits]', metavar='ZIP|DIR', type=str, show_default=False)
 @click.option('--ref',         'ref_path', help='Reference statistics  [default: the bundled ones]', metavar='NPZ', type=str, show_default=False)
@@ -47,28 +51,39 @@ class FloatList(click.ParamType):
 @click.option('--window',      help='Time shift window (1000-step grid)', metavar='INT', type=click.IntRange(min=1), default=80)
 @click.option('--batch',       'batch_size', help='Batch size', metavar='INT', type=click.IntRange(min=1), default=128)
 @click.option('--device',      help='Device  [default: cuda if available]', metavar='cuda|cpu', type=click.Choice(['cuda', 'cpu']), show_default=False)
-def main(outdir, network_pkl, data, ref_path, detector_path, num_images, num_calibration, rounds, eps_scalers, cutoff, window, batch_size, device):
+def main(outdir, restart, network_pkl, data, ref_path, detector_path, num_images, num_calibration, rounds, eps_scalers, cutoff, window, batch_size, device):
     """Measure exposure bias and what epsilon scaling and time shift do about it.
 
-    Writes to --outdir: eps_norm_<sampler>.{png,json,csv} (curves before and after calibration),
-    fd_table.csv, fd.png, summary.md and study.json. Run again with the same settings to continue
-    an interrupted study; finished entries are kept.
+    Writes to --outdir (by default a new numbered folder under study-runs/):
+    eps_norm_<sampler>.{png,json,csv} (curves before and after calibration), fd_table.csv, fd.png,
+    summary.md, study.json and settings.json. Run again with the same --outdir and settings to
+    continue an interrupted study; finished entries are kept. A folder with other settings is
+    refused unless --restart.
 
     Examples:
 
     \b
-    # The bundled digits model, Euler 13 and Heun 18 steps (about 10 minutes on 2 CPU cores)
-    python study.py --outdir=results/study
+    # The bundled digits model, Euler 13 and Heun 18 steps, into a new study-runs/NNNNN-edm-digits-16x16
+    python study.py
+
+    \b
+    # Regenerate the committed results/study on purpose
+    python study.py --outdir=results/study --restart
 
     \b
     # A quick look with fewer images
     python study.py --outdir=results/quick --num=200 --num_calibration=64 --rounds=1
     """
     start = time.time()
-    device = dist.init(device)
     network_pkl = network_pkl or bundled.NETWORK
     data = data or bundled.DATA
     ref_path = ref_path or bundled.REF
+    outdir = outdir or new_run_folder('study-runs', network_pkl)
+    try:
+        run_record.check_outdir(outdir)
+    except ValueError as e:
+        raise click.ClickException(str(e))
+    device = dist.init(device)
     try:
         net = checkpoint.load_network(network_pkl).to(device).eval()
         images, labels = load_training_images(data, net, max(num_images, num_calibration))
@@ -81,14 +96,32 @@ def main(outdir, network_pkl, data, ref_path, detector_path, num_images, num_cal
     except (checkpoint.CheckpointError, DatasetError, frechet.StatsError, feature_detectors.DetectorError) as e:
         raise click.ClickException(str(e))
 
-    study = exposure_bias_study.Study(net, images, labels, detector, ref_mu, ref_sigma, outdir,
-        num_images=num_images, num_calibration=num_calibration, calibration_rounds=rounds, eps_scalers=eps_scalers,
-        cutoff=cutoff, window=window, batch_size=batch_size, device=device)
+    inputs = dict(network=run_record.file_record(network_pkl), data=run_record.file_record(data), ref=run_record.file_record(ref_path),
+        detector=run_record.file_record(detector_path))
+    identity = {name: (record['sha256'] or record['path']) for name, record in inputs.items()} # Where the files lie does not matter.
+    try:
+        study = exposure_bias_study.Study(net, images, labels, detector, ref_mu, ref_sigma, outdir,
+            num_images=num_images, num_calibration=num_calibration, calibration_rounds=rounds, eps_scalers=eps_scalers,
+            cutoff=cutoff, window=window, batch_size=batch_size, device=device, inputs=identity, restart=restart)
+    except exposure_bias_study.StudyFolderError as e:
+        raise click.ClickException(str(e))
+    if study.kept_entries is not None:
+        print(f'Resuming the study in "{outdir}": {study.kept_entries} entries kept (same settings); --restart starts over')
+    else:
+        print(f'Writing a new study to "{outdir}"')
+    run_record.write_settings(os.path.join(outdir, 'settings.json'), dict(tool='study.py', **inputs, config=study.config,
+        fd_seeds=f'0-{num_images - 1}', calibration_seeds=f'0-{num_calibration - 1}', batch=batch_size, device=str(device)))
     with torch.no_grad():
         study.run()
     print()
     print(exposure_bias_study.summary_markdown(study.results))
     print(f'Wrote results to "{outdir}" in {time.time() - start:.0f} s')
+
+def new_run_folder(root, network_pkl):
+    """root/NNNNN-<network name>, numbered after the folders already there (as train.py numbers runs)."""
+    name = re.sub(r'\.pkl$', '', os.path.basename(network_pkl.rstrip('/'))) or 'network'
+    ids = [int(m.group(1)) for m in (re.match(r'^(\d+)-', d) for d in (os.listdir(root) if os.path.isdir(root) else [])) if m]
+    return os.path.join(root, f'{max(ids, default=-1) + 1:05d}-{name}')
 
 #----------------------------------------------------------------------------
 

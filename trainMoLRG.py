@@ -12,13 +12,14 @@ import click
 import train
 from torch_utils import distributed as dist
 from training import molrg
+from training import run_record
 
 #----------------------------------------------------------------------------
 
 @click.command(context_settings=dict(show_default=True, max_content_width=120))
 
 # The mixture.
-@click.option('--path',             help='Folder of the dataset file (generated if missing)', metavar='DIR', type=str, required=True)
+@click.option('--path',             help='Folder of the dataset file (generated if missing)', metavar='DIR', type=str, default='training-runs')
 @click.option('--img_res',          help='Image resolution; the ambient dimension is 3*res*res', metavar='INT', type=click.IntRange(min=1), default=32)
 @click.option('--class_num',        help='Number of classes (subspaces)', metavar='INT',           type=click.IntRange(min=1), default=10)
 @click.option('--per_class_dim',    help='Dimension of each class\'s subspace', metavar='INT',     type=click.IntRange(min=1), default=100)
@@ -81,15 +82,19 @@ def main(ctx, path, img_res, class_num, per_class_dim, sample_per_class, data_se
 
     \b
     # The authors' setting: 2 classes of dimension 7 in 4x4x3 images, 350 samples each
-    torchrun --standalone --nproc_per_node=1 trainMoLRG.py --outdir training --path datasets \\
+    torchrun --standalone --nproc_per_node=1 trainMoLRG.py --outdir training-runs --path datasets \\
         --img_res 4 --class_num 2 --per_class_dim 7 --sample_per_class 350 --embed_channels 128
 
     \b
     # A small network on CPU, without augmentation, then the Jacobian rank of the result
-    python trainMoLRG.py --outdir training --path datasets --img_res 4 --class_num 2 --per_class_dim 7 \\
+    python trainMoLRG.py --outdir training-runs --path datasets --img_res 4 --class_num 2 --per_class_dim 7 \\
         --sample_per_class 350 --embed_channels 16 --augment 0 --batch 64 --duration 0.05 --lr_rampup 10 --device cpu
-    python jacobian.py --network_pkl training/MoLRG_dataset_resolution4_classnum2_perclassdim7_sample350/00000-MoLRG-uncond-ddpmpp-edm-gpus1-batch64-fp32/network-snapshot-000050.pkl
+    python jacobian.py --network_pkl training-runs/MoLRG_dataset_resolution4_classnum2_perclassdim7_sample350/00000-MoLRG-uncond-ddpmpp-edm-gpus1-batch64-fp32/network-snapshot-000050.pkl
     """
+    try:
+        run_record.check_outdir(outdir) # The authors' command says --outdir training, which would write into the package.
+    except ValueError as e:
+        raise click.ClickException(str(e))
     dist.init(train_kwargs['device'])
     data = os.path.join(path, molrg.dataset_filename(img_res, class_num, per_class_dim, sample_per_class))
 

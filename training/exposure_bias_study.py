@@ -11,7 +11,9 @@ Two yardsticks put the FD differences in scale: the FD of the plain sampler on a
 set of seeds (how much FD moves with the seeds alone), and the FD of as many real training images.
 
 Every finished measurement is stored in study.json at once, so a killed study continues where it
-stopped when run again with the same settings.
+stopped when run again with the same settings (inputs are identified by their sha256). A folder that
+holds a study with other settings, or an unreadable study.json, is refused (StudyFolderError) unless
+the caller asks to start over.
 """
 
 import json
@@ -42,10 +44,15 @@ def network_evaluations(sampler_kwargs):
 
 #----------------------------------------------------------------------------
 
+class StudyFolderError(ValueError):
+    """The output folder holds a study that cannot be continued with these settings."""
+
 class Study:
     def __init__(self, net, images, labels, detector, ref_mu, ref_sigma, outdir,
         num_images=400, num_calibration=128, calibration_rounds=3, eps_scalers=(1.0, 1.003, 1.006, 1.010),
-        cutoff=300, window=80, batch_size=128, device=torch.device('cpu'), settings=SAMPLER_SETTINGS):
+        cutoff=300, window=80, batch_size=128, device=torch.device('cpu'), settings=SAMPLER_SETTINGS, inputs=None, restart=False):
+        """inputs: what identifies the network, data, reference and detector (e.g. their sha256); a
+        study in `outdir` continues only when these and every setting match. restart: start over."""
         self.net, self.images, self.labels = net, images, labels
         self.detector, self.ref_mu, self.ref_sigma = detector, ref_mu, ref_sigma
         self.outdir = outdir
@@ -55,18 +62,34 @@ class Study:
         self.batch_size, self.device = batch_size, device
         self.settings = settings
         self.config = dict(num_images=num_images, num_calibration=num_calibration, calibration_rounds=calibration_rounds,
-            eps_scalers=self.eps_scalers, cutoff=cutoff, window=window, settings=settings)
+            eps_scalers=self.eps_scalers, cutoff=cutoff, window=window, settings=settings, inputs=inputs,
+            calibration_tolerance=metrics.CONVERGENCE_TOLERANCE)
         self.path = os.path.join(outdir, 'study.json')
-        self.results = self._load_previous()
+        self.kept_entries = None # Entries of an earlier run that are kept; None for a new study.
+        self.results = self._load_previous(restart)
 
-    def _load_previous(self):
+    def _load_previous(self, restart):
         """Results of an earlier run with the same settings; batch size and device do not change them."""
-        if os.path.isfile(self.path):
+        fresh = dict(config=self.config, calibration={}, fd=[], yardsticks={})
+        if restart or not os.path.isfile(self.path):
+            return fresh
+        try:
             with open(self.path) as f:
                 previous = json.load(f)
-            if previous.get('config') == json.loads(json.dumps(self.config)):
-                return previous
-        return dict(config=self.config, calibration={}, fd=[], yardsticks={})
+            recorded = previous['config']
+            assert isinstance(recorded, dict) and isinstance(previous['fd'], list)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+            raise StudyFolderError(f'{self.path} is not a readable study ({e.__class__.__name__}); '
+                f'move it away, or add --restart to start this folder over') from None
+        current = json.loads(json.dumps(self.config))
+        if recorded != current:
+            differ = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+            raise StudyFolderError(f'{self.outdir} holds a study with other settings ({", ".join(differ)} differ); '
+                f'give a new --outdir, or add --restart to start this one over')
+        previous.setdefault('calibration', {})
+        previous.setdefault('yardsticks', {})
+        self.kept_entries = len(previous['calibration']) + len(previous['fd']) + len(previous['yardsticks'])
+        return previous
 
     def _save(self):
         os.makedirs(self.outdir, exist_ok=True)
@@ -101,7 +124,8 @@ class Study:
         plain, calibrated = measured['plain'], measured['calibrated']
         metrics.save_curves(plain, self.outdir, name=f'eps_norm_{name}')
         metrics.save_curves(calibrated, self.outdir, name=f'eps_norm_{name}_calibrated')
-        metrics.plot_curves({'eps_scaler=1': plain, f'calibrated eps_scaler={fitted["eps_scaler"]:.4f}': calibrated},
+        label = 'calibrated' if fitted['converged'] else 'not converged, best'
+        metrics.plot_curves({'eps_scaler=1': plain, f'{label} eps_scaler={fitted["eps_scaler"]:.4f}': calibrated},
             os.path.join(self.outdir, f'eps_norm_{name}.png'), title=f'{name.replace("-", " ")} steps')
         entry = dict(fitted, history=history,
             mean_ratio_plain=float(np.mean(np.array(plain['eps_norm_consecutive']) / np.array(plain['eps_norm_single_step']))),
@@ -110,6 +134,8 @@ class Study:
             max_variance_error_calibrated=float(np.max(np.abs(calibrated['variance_error']))))
         self.results['calibration'][name] = entry
         self._save()
+        if not fitted['converged']:
+            tqdm.tqdm.write(f'{name}: {metrics.describe_calibration(fitted)}')
         return entry
 
     def fd_runs(self):
@@ -131,7 +157,8 @@ class Study:
             if (name, eps_scaler, time_shift) in done:
                 continue
             features = self.generated_features(self.settings[name], seeds, eps_scaler, time_shift)
-            calibrated = abs(eps_scaler - round(self.results['calibration'][name]['eps_scaler'], 5)) < 1e-12
+            calibration = self.results['calibration'][name]
+            calibrated = calibration['converged'] and abs(eps_scaler - round(calibration['eps_scaler'], 5)) < 1e-12
             self.results['fd'].append(dict(setting=name, nfe=network_evaluations(self.settings[name]), eps_scaler=eps_scaler,
                 time_shift=time_shift, calibrated=calibrated, fd=self.fd_of_features(features)))
             self._save()
@@ -173,9 +200,10 @@ def summary_markdown(results):
         '| sampler | eps norm ratio consecutive/single-step, plain | calibrated eps_scaler | linear fit (eps_scaler, kappa) | ratio after calibration | max abs variance error, plain -> calibrated |',
         '| --- | --- | --- | --- | --- | --- |']
     for name, c in results['calibration'].items():
-        lines.append(f'| {name} | {c["mean_ratio_plain"]:.4f} | {c["eps_scaler"]:.4f} | {c["linear_eps_scaler"]:.4f}, {c["linear_kappa"]:+.5f} | '
+        scaler = f'{c["eps_scaler"]:.4f}' if c.get('converged', True) else f'not converged (best {c["eps_scaler"]:.4f}, abs h {abs(c["residual"]):.1e})'
+        lines.append(f'| {name} | {c["mean_ratio_plain"]:.4f} | {scaler} | {c["linear_eps_scaler"]:.4f}, {c["linear_kappa"]:+.5f} | '
             f'{c["mean_ratio_calibrated"]:.4f} | {100 * c["max_variance_error_plain"]:.2f}% -> {100 * c["max_variance_error_calibrated"]:.2f}% |')
-    lines += ['', f'FD to the reference statistics ({cfg["num_images"]} images each; time shift: paper rule, cutoff {cfg["cutoff"]}, window {cfg["window"]}; * = calibrated):', '']
+    lines += ['', f'FD to the reference statistics ({cfg["num_images"]} images each; time shift: paper rule, cutoff {cfg["cutoff"]}, window {cfg["window"]}; * = calibrated, a converged calibration only):', '']
     settings = list(dict.fromkeys(e['setting'] for e in results['fd']))
     columns = [(s, ts) for s in settings for ts in (False, True)]
     lines.append('| eps_scaler | ' + ' | '.join(f'{s}{" + time shift" if ts else ""}' for s, ts in columns) + ' |')
