@@ -146,7 +146,8 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector_path, workers
 @click.option('--data', 'dataset_path', help='Dataset: folder, zip, .npz sample file or folder of them', metavar='PATH|ZIP|NPZ', type=str, required=True)
 @click.option('--dest', 'dest_path',    help='Destination .npz file', metavar='NPZ',                                             type=str, required=True)
 @batch_option
-@detector_option
+@click.option('--detector', 'detector_path', help='Feature detector: pickled module or TorchScript file (recorded in --dest)', metavar='PATH|URL',
+    type=str, default=None, show_default='EDM\'s Inception-v3')
 @workers_option
 @device_option
 def ref(dataset_path, dest_path, batch, detector_path, workers, device):

@@ -250,7 +250,7 @@ def build_config(opts, device):
         c.resume_pkl = opts.transfer
         c.ema_rampup_ratio = None
     elif opts.resume is not None:
-        match = re.fullmatch(r'training-state-(\d+)\.pt', os.path.basename(opts.resume))
+        match = re.fullmatch(r'training-state-(\d+)(?:\.\d{3})?\.pt', os.path.basename(opts.resume)) # .NNN: snapshots under 1 kimg apart.
         if not match or not os.path.isfile(opts.resume):
             raise click.ClickException(f'--resume must point to a training-state-*.pt file of a previous run (got {opts.resume})')
         try:
@@ -264,7 +264,7 @@ def build_config(opts, device):
                 raise click.ClickException(f'--resume {opts.resume} was written with another configuration ({"; ".join(differences[:3])}); '
                     'give the same options as the run that wrote it')
         else: # NVIDIA EDM's state: its EMA lives in the snapshot of the same kimg.
-            c.resume_pkl = os.path.join(os.path.dirname(opts.resume), f'network-snapshot-{match.group(1)}.pkl')
+            c.resume_pkl = os.path.join(os.path.dirname(opts.resume), os.path.basename(opts.resume).replace('training-state-', 'network-snapshot-')[:-3] + '.pkl')
             c.resume_kimg = int(match.group(1))
             if not os.path.isfile(c.resume_pkl):
                 raise click.ClickException(f'--resume: {opts.resume} is an NVIDIA EDM training state; its EMA network {c.resume_pkl} is missing')

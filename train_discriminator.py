@@ -61,13 +61,17 @@ def main(real, fake, outdir, pretrained_classifier_ckpt, cond, num_data, epochs,
         raise click.ClickException(str(e))
     print(f'Training on {len(real_images)} real and {len(fake_images)} generated images, features '
         f'{classifier.feature_channels}x{classifier.feature_resolution}x{classifier.feature_resolution}, on {device}')
+    if max(len(real_images), len(fake_images)) > 1.5 * min(len(real_images), len(fake_images)):
+        click.echo(f'Warning: {len(real_images)} real vs {len(fake_images)} generated images; the classes are weighted to count equally, '
+            f'and balanced accuracy (not plain accuracy) says how well they are told apart', err=True)
     try:
         _disc, history = guidance_training.train_discriminator(classifier, real_images, fake_images, outdir, real_labels, fake_labels,
             cond=bool(cond), epochs=epochs, batch_size=batch, lr=lr, model_channels=width, num_res_blocks=depth, seed=seed, device=device)
     except ValueError as e:
         raise click.ClickException(str(e))
     last = history[-1]
-    print(f'Epoch {last["epoch"]}: loss {last["loss"]:.4f}, accuracy {last["accuracy"]:.4f}; saved to "{outdir}"')
+    print(f'Epoch {last["epoch"]}: loss {last["loss"]:.4f}, balanced accuracy {last["balanced_accuracy"]:.4f} '
+        f'(accuracy {last["accuracy"]:.4f}); saved to "{outdir}"')
 
 #----------------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ def load_torch_module(path_or_url, what='detector', device=torch.device('cpu'), 
         with dnnlib.util.open_url(path_or_url, verbose=verbose) as f:
             data = f.read()
     except (FileNotFoundError, IsADirectoryError, ValueError) as e:
-        raise DetectorError(f'{what.capitalize()} file not found: {path_or_url}') from e
+        raise DetectorError(f'{what[:1].upper() + what[1:]} file not found: {path_or_url}') from e # 'SSCD model', not 'Sscd model'.
     except dnnlib.util.DownloadError as e:
         raise DetectorError(f'Could not get the {what}: {e}') from e
 

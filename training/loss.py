@@ -9,6 +9,7 @@ snapshot, so it may import nothing but numpy, torch and torch_utils.persistence.
 import torch
 
 from torch_utils import persistence
+from torch_utils import training_stats
 
 #----------------------------------------------------------------------------
 # Denoising score matching at a noise level drawn per sample (EDM Table 1):
@@ -126,7 +127,11 @@ class MartingaleLoss(EDMLoss):
         loss = self.weight(sigma) * ((D_yn - y) ** 2)
         if self.martingale_lambda == 0:
             return loss
-        return loss + self.martingale_lambda * self.martingale_term(net, y + n, sigma, D_yn, labels, augment_labels)
+        martingale = self.martingale_lambda * self.martingale_term(net, y + n, sigma, D_yn, labels, augment_labels)
+        # The two parts in stats.jsonl beside Loss/loss (their sum), to see which one training reduces.
+        training_stats.report('Loss/denoising', loss)
+        training_stats.report('Loss/martingale', martingale)
+        return loss + martingale
 
     def martingale_term(self, net, x_t, sigma, D_t, labels=None, augment_labels=None):
         """(D(x1; s_min) - D_t) * (D(x2; s_min) - D_t) per element; gradients flow into both

@@ -65,9 +65,24 @@ def read_training_state_fingerprint(path):
     state = torch.load(path, map_location=torch.device('cpu'), weights_only=False)
     return state.get('fingerprint') if isinstance(state, dict) and state.get('format') == STATE_FORMAT else None
 
-def fingerprint_differences(saved, current):
-    keys = sorted(set(saved) | set(current))
-    return [f'{key}: {saved.get(key)!r} in the state, {current.get(key)!r} now' for key in keys if saved.get(key) != current.get(key)]
+def fingerprint_differences(saved, current, prefix=''):
+    """'network_kwargs.model_channels: 16 in the state, 32 now' for each leaf that differs (dicts are compared key by key)."""
+    differences = []
+    for key in sorted(set(saved) | set(current), key=str):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differences += fingerprint_differences(a, b, prefix=f'{prefix}{key}.')
+        elif a != b:
+            differences.append(f'{prefix}{key}: {a!r} in the state, {b!r} now')
+    return differences
+
+def snapshot_name(kind, cur_nimg, interval_nimg, ext):
+    """`{kind}-{kimg:06d}{ext}` as EDM names them; when snapshots come less than 1 kimg apart (--tick
+    below 1), kimg alone would repeat, so the images past the last kimg are added: 000000.500."""
+    kimg = f'{cur_nimg // 1000:06d}'
+    if interval_nimg < 1000 and cur_nimg % 1000 != 0:
+        kimg += f'.{cur_nimg % 1000:03d}'
+    return f'{kind}-{kimg}{ext}'
 
 #----------------------------------------------------------------------------
 
@@ -252,7 +267,7 @@ def training_loop(
                         misc.check_ddp_consistency(value)
                     data[key] = value.cpu()
             if dist.get_rank() == 0:
-                checkpoint.save_snapshot(os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pkl'), data)
+                checkpoint.save_snapshot(os.path.join(run_dir, snapshot_name('network-snapshot', cur_nimg, kimg_per_tick * 1000 * snapshot_ticks, '.pkl')), data)
             del data
 
         # Training state, for --resume.
@@ -261,7 +276,7 @@ def training_loop(
             if dist.get_rank() == 0:
                 state = dict(format=STATE_FORMAT, cur_nimg=cur_nimg, cur_tick=cur_tick, fingerprint=fingerprint,
                     net=net.state_dict(), ema=ema.state_dict(), optimizer_state=optimizer.state_dict(), rng_states=rng_states)
-                with dnnlib.util.atomic_write(os.path.join(run_dir, f'training-state-{cur_nimg // 1000:06d}.pt'), fsync=True) as f:
+                with dnnlib.util.atomic_write(os.path.join(run_dir, snapshot_name('training-state', cur_nimg, kimg_per_tick * 1000 * state_dump_ticks, '.pt')), fsync=True) as f:
                     torch.save(state, f)
                 del state
 
