@@ -1,0 +1,100 @@
+"""A researcher's chain of commands, as the README gives them: outputs that chain, runs that describe
+themselves, calibration that says when it failed, and nothing written into the source tree."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+import eps_norm
+import fid
+import generate
+from tests.conftest import REPO, run_cli
+from tests.test_study import tiny_study_inputs # noqa: F401 (a fixture)
+from training import bundled
+from training import run_record
+
+#----------------------------------------------------------------------------
+
+def invoke_ok(command, args):
+    result = CliRunner().invoke(command, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+def test_readme_generate_then_fid_calc_chain_works_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    invoke_ok(generate.main, ['--outdir=out', '--seeds=0-63', '--device=cpu'])
+    assert sorted(os.listdir('out')) == [f'{seed:06d}.png' for seed in range(64)] # Only the images...
+    assert os.path.isfile('out-grid.png') and os.path.isfile('out-settings.json') # ...the rest beside them.
+    result = invoke_ok(fid.main, ['calc', '--images=out', f'--ref={bundled.REF}', '--num=64', '--device=cpu', '--workers=0'])
+    assert float(result.output.strip().splitlines()[-1]) > 0
+
+def test_generate_settings_name_every_value_that_changes_the_images(tmp_path):
+    out = tmp_path / 'out'
+    invoke_ok(generate.main, ['--preset=edm-es-cifar10-cond-heun-nfe35', f'--network={bundled.NETWORK}', f'--outdir={out}', '--seeds=0-1,5',
+        '--class=3', '--device=cpu'])
+    settings = json.loads((tmp_path / 'out-settings.json').read_text())
+    assert settings['preset'] == 'edm-es-cifar10-cond-heun-nfe35'
+    assert settings['eps_scaling'] == dict(eps_scaler=1.0006, kappa=0.0) # Expanded from the preset.
+    assert settings['sampler']['num_steps'] == 18 and len(settings['sampler']['sigma_steps']) == 18
+    assert settings['sampler']['S_churn'] == 0 and settings['sampler']['rho'] == 7
+    assert settings['network']['sha256'] == run_record.sha256(bundled.NETWORK)
+    assert settings['seeds'] == '0-1,5' and settings['class_idx'] == 3
+    assert settings['time_shift'] is None and settings['discriminator_guidance'] is None
+    assert 'code_version' in settings
+
+def test_time_shift_with_its_defaults_runs_on_the_bundled_network(tmp_path):
+    result = invoke_ok(generate.main, [f'--outdir={tmp_path / "out"}', '--seeds=0-1', '--steps=6', '--do_time_shift', '--device=cpu'])
+    assert 'the paper rule' in result.output # EDM's Heun sampler on an EDM network: the released rule does not apply.
+    settings = json.loads((tmp_path / 'out-settings.json').read_text())
+    assert settings['time_shift'] == dict(rule='paper', cutoff=300, window=80)
+
+def test_a_one_round_calibration_that_cannot_converge_is_reported_as_not_converged(tmp_path):
+    # Bundled model, Euler 13: the first secant step from 1 overshoots to about 0.97 (h about -0.07).
+    result = invoke_ok(eps_norm.main, [f'--outdir={tmp_path}', '--num=16', '--steps=13', '--solver=euler', '--calibrate', '--rounds=1', '--device=cpu'])
+    assert 'calibration did NOT converge' in result.output
+    calibration = json.loads((tmp_path / 'eps_norm.json').read_text())['calibration']
+    assert calibration['converged'] is False and abs(calibration['residual']) > calibration['tolerance']
+    assert json.loads((tmp_path / 'settings.json').read_text())['calibration']['converged'] is False
+
+def test_outdir_inside_a_package_folder_is_refused(tmp_path):
+    for command, args in [(generate.main, ['--seeds=0']), (eps_norm.main, [])]:
+        result = CliRunner().invoke(command, [f'--outdir={os.path.join(REPO, "training", "out")}', *args])
+        assert result.exit_code != 0 and 'inside the package folder training/' in result.output.strip().splitlines()[-1]
+    assert not os.path.exists(os.path.join(REPO, 'training', 'out'))
+
+#----------------------------------------------------------------------------
+
+def test_a_study_in_a_fresh_copy_leaves_git_status_clean(tmp_path, tiny_study_inputs): # noqa: F811
+    copy = tmp_path / 'clone'
+    tracked = subprocess.run(['git', 'ls-files'], cwd=REPO, capture_output=True, text=True, check=True).stdout.split('\n')
+    for name in filter(None, tracked):
+        if os.path.isfile(os.path.join(REPO, name)):
+            os.makedirs(copy / os.path.dirname(name), exist_ok=True)
+            shutil.copy2(os.path.join(REPO, name), copy / name)
+    git = lambda *args: subprocess.run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t', *args], cwd=copy, capture_output=True, text=True, check=True).stdout
+    git('init', '-q')
+    git('add', '-A')
+    git('commit', '-qm', 'fresh copy')
+    study = [sys.executable, 'study.py', *tiny_study_inputs, '--num=16', '--num_calibration=8', '--rounds=1', '--eps_scalers=1', '--batch=16']
+    first = run_cli(study, cwd=copy, timeout=1200)
+    assert first.returncode == 0, first.stdout + first.stderr
+    runs = os.listdir(copy / 'study-runs')
+    assert len(runs) == 1 and runs[0].startswith('00000-') and 'Writing a new study' in first.stdout
+    assert git('status', '--porcelain') == ''
+
+    # The same folder again: kept, and said so; other settings or a broken study.json: one line, unless --restart.
+    outdir = f'--outdir=study-runs/{runs[0]}'
+    again = run_cli([*study, outdir], cwd=copy)
+    assert again.returncode == 0 and 'Resuming the study' in again.stdout and 'entries kept' in again.stdout
+    other = run_cli([*study, outdir, '--cutoff=200'], cwd=copy)
+    assert other.returncode != 0 and 'other settings (cutoff differ)' in other.stderr.strip().splitlines()[-1]
+    (copy / 'study-runs' / runs[0] / 'study.json').write_text('{broken')
+    broken = run_cli([*study, outdir], cwd=copy)
+    assert broken.returncode != 0 and 'study.json is not a readable study' in broken.stderr.strip().splitlines()[-1]
+
+#----------------------------------------------------------------------------
