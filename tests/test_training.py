@@ -71,6 +71,11 @@ def test_each_preconditioning_trains_with_finite_decreasing_loss(tmp_path, data,
     folder = run_dir(tmp_path)
     stats = ticks(folder)
     assert all(np.isfinite(tick['Loss/loss']['mean']) for tick in stats)
+    if precond == 'cdm': # Its two parts beside the total, which is their sum.
+        for tick in stats:
+            assert np.isclose(tick['Loss/denoising']['mean'] + tick['Loss/martingale']['mean'], tick['Loss/loss']['mean'], rtol=1e-4, atol=1e-6)
+    else:
+        assert all('Loss/martingale' not in tick for tick in stats)
     state = torch.load(os.path.join(folder, 'training-state-000000.pt'), weights_only=False)
     snapshot = checkpoint.load_snapshot(os.path.join(folder, 'network-snapshot-000000.pkl'))
     trained = checkpoint.load_network(os.path.join(folder, 'network-snapshot-000000.pkl'), native=True)
@@ -106,7 +111,10 @@ def test_two_torchrun_ranks_train_and_the_snapshot_generates_images(tmp_path, da
     folder = run_dir(tmp_path / 'runs')
     assert 'gpus2' in os.path.basename(folder)
     assert [tick['Loss/loss']['num'] for tick in ticks(folder)][1] == 112 * 3 * 8 * 8 # All 112 images of tick 1, from both ranks.
-    snapshot = os.path.join(folder, 'network-snapshot-000000.pkl')
+    # --tick=0.1 --snap=1: one snapshot per tick, under 1 kimg apart, each under its own name (EDM's would repeat 000000).
+    snapshots = sorted(name for name in os.listdir(folder) if name.startswith('network-snapshot-'))
+    assert len(snapshots) == len(ticks(folder)) and 'network-snapshot-000000.016.pkl' in snapshots
+    snapshot = os.path.join(folder, snapshots[-1])
     result = run_cli([sys.executable, 'generate.py', f'--network={snapshot}', f'--outdir={tmp_path / "images"}', '--seeds=0-3', '--steps=4', '--device=cpu', '--no-grid'])
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(tmp_path / 'images')) == [f'{seed:06d}.png' for seed in range(4)]
