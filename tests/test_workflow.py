@@ -98,3 +98,39 @@ def test_a_study_in_a_fresh_copy_leaves_git_status_clean(tmp_path, tiny_study_in
     assert broken.returncode != 0 and 'study.json is not a readable study' in broken.stderr.strip().splitlines()[-1]
 
 #----------------------------------------------------------------------------
+
+def test_discriminator_training_on_unequal_counts_warns_and_reports_balanced_accuracy(tmp_path):
+    import train_discriminator
+    from tests.test_guidance import save_pair
+    from tests.tiny_models import random_images, write_image_folder
+    cls_path, _ = save_pair(tmp_path)
+    real = write_image_folder(tmp_path / 'real', random_images(24, resolution=8, seed=1))
+    fake = write_image_folder(tmp_path / 'fake', random_images(8, resolution=8, seed=2))
+    result = invoke_ok(train_discriminator.main, [f'--real={real}', f'--fake={fake}', f'--pretrained_classifier_ckpt={cls_path}', '--epochs=1',
+        '--batch=8', f'--outdir={tmp_path / "disc"}', '--width=16', '--depth=1', '--device=cpu'])
+    assert 'Warning: 24 real vs 8 generated images' in result.output and 'balanced accuracy' in result.output
+
+def test_small_messages_say_what_they_mean():
+    from training import feature_detectors
+    from training import training_loop
+    with pytest.raises(feature_detectors.DetectorError, match='^SSCD model file not found'):
+        feature_detectors.load_torch_module('/nowhere/sscd.pt', what='SSCD model')
+    assert '--ref' not in CliRunner().invoke(fid.main, ['ref', '--help']).output
+    saved = dict(batch_size=16, network_kwargs=dict(model_channels=16, channel_mult=[1, 2], dropout=0.1))
+    current = dict(batch_size=16, network_kwargs=dict(model_channels=32, channel_mult=[1, 2], dropout=0.1))
+    assert training_loop.fingerprint_differences(saved, current) == ['network_kwargs.model_channels: 16 in the state, 32 now']
+    assert training_loop.snapshot_name('network-snapshot', 2000, 1000, '.pkl') == 'network-snapshot-000002.pkl' # EDM's name...
+    assert training_loop.snapshot_name('network-snapshot', 2500, 1000, '.pkl') == 'network-snapshot-000002.pkl'
+    assert training_loop.snapshot_name('network-snapshot', 2500, 500, '.pkl') == 'network-snapshot-000002.500.pkl' # ...unless it would repeat.
+
+def test_cli_defaults_write_outside_the_source_tree():
+    import jacobian
+    import study
+    import trainMoLRG
+    assert [p.default for p in jacobian.main.params if p.name == 'outdir'] == ['out-jacobian']
+    assert [p.default for p in trainMoLRG.main.params if p.name == 'outdir'] == ['training-runs']
+    assert [p.default for p in study.main.params if p.name == 'outdir'] == [None] # A new study-runs/NNNNN-<network> folder.
+    run_files = ['out/000000.png', 'out-grid.png', 'out-settings.json', 'out-jacobian/settings.json', 'training-runs/00000-x/log.txt',
+        'study-runs/00000-x/study.json']
+    ignored = subprocess.run(['git', 'check-ignore', *run_files], cwd=REPO, capture_output=True, text=True).stdout.split()
+    assert ignored == run_files
