@@ -19,7 +19,7 @@ from training import run_record
 @click.command(context_settings=dict(show_default=True, max_content_width=120))
 
 # The mixture.
-@click.option('--path',             help='Folder of the dataset file (generated if missing)', metavar='DIR', type=str, default='training-runs')
+@click.option('--path',             help='Folder of the dataset file (generated if missing)', metavar='DIR', type=str, required=True)
 @click.option('--img_res',          help='Image resolution; the ambient dimension is 3*res*res', metavar='INT', type=click.IntRange(min=1), default=32)
 @click.option('--class_num',        help='Number of classes (subspaces)', metavar='INT',           type=click.IntRange(min=1), default=10)
 @click.option('--per_class_dim',    help='Dimension of each class\'s subspace', metavar='INT',     type=click.IntRange(min=1), default=100)
@@ -27,7 +27,7 @@ from training import run_record
 @click.option('--data_seed',        help='Seed of the bases and samples', metavar='INT',           type=click.IntRange(min=0), default=0)
 
 # Main options (train.py's).
-@click.option('--outdir',           help='Where to save the results (in a folder named after the dataset)', metavar='DIR', type=str, required=True)
+@click.option('--outdir',           help='Where to save the results (in a folder named after the dataset)', metavar='DIR', type=str, default='training-runs')
 @click.option('--cond',             help='Train class-conditional model', metavar='BOOL',          type=bool, default=False)
 @click.option('--arch',             help='Network architecture', metavar='ddpmpp|ncsnpp|adm',      type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp')
 @click.option('--precond',          help='Preconditioning & loss function', metavar='vp|ve|edm|cdm', type=click.Choice(['vp', 've', 'edm', 'cdm']), default='edm')
