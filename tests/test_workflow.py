@@ -123,13 +123,17 @@ def test_small_messages_say_what_they_mean():
     assert training_loop.snapshot_name('network-snapshot', 2500, 1000, '.pkl') == 'network-snapshot-000002.pkl'
     assert training_loop.snapshot_name('network-snapshot', 2500, 500, '.pkl') == 'network-snapshot-000002.500.pkl' # ...unless it would repeat.
 
-def test_cli_defaults_write_outside_the_source_tree():
+def test_cli_defaults_write_outside_the_source_tree(tmp_path):
     import jacobian
     import study
     import trainMoLRG
     assert [p.default for p in jacobian.main.params if p.name == 'outdir'] == ['out-jacobian']
     assert [p.default for p in trainMoLRG.main.params if p.name == 'outdir'] == ['training-runs']
-    assert [p.default for p in study.main.params if p.name == 'outdir'] == [None] # A new study-runs/NNNNN-<network> folder.
+    (outdir,) = [p for p in study.main.params if p.name == 'outdir']
+    assert not outdir.required and not isinstance(outdir.default, str) # No fixed folder: a new study-runs/NNNNN-<network>.
+    assert study.new_run_folder(str(tmp_path), bundled.NETWORK) == os.path.join(str(tmp_path), '00000-edm-digits-16x16')
+    os.makedirs(tmp_path / '00007-other')
+    assert study.new_run_folder(str(tmp_path), 'a/b/net.pkl') == os.path.join(str(tmp_path), '00008-net')
     run_files = ['out/000000.png', 'out-grid.png', 'out-settings.json', 'out-jacobian/settings.json', 'training-runs/00000-x/log.txt',
         'study-runs/00000-x/study.json']
     ignored = subprocess.run(['git', 'check-ignore', *run_files], cwd=REPO, capture_output=True, text=True).stdout.split()
