@@ -151,7 +151,6 @@ def train_classifier(images, outdir, labels=None, epochs=10, batch_size=128, lr=
     os.makedirs(outdir, exist_ok=True)
     for epoch in range(1, epochs + 1):
         losses, hits, count = 0.0, 0.0, 0
-        class_hits, class_count = torch.zeros(2), torch.zeros(2) # [generated, real]
         bar = tqdm.tqdm(shuffled_batches(len(images), batch_size, gen), desc=f'epoch {epoch}/{epochs}', unit='batch', disable=not progress)
         for idx in bar:
             x0 = to_model_range(images[idx])
