@@ -226,8 +226,8 @@ def test_generate_with_scaler_one_writes_the_plain_images(tmp_path, cond_net_pkl
     (['--eps_scaler=1', '--kappa=-1'], 'every scaler must be positive'),
     (['--do_time_shift', '--window=0', '--ts_rule=paper'], '--window must be at least 1'),
     (['--do_time_shift', '--cutoff=1001', '--ts_rule=paper'], '--cutoff must be in [0, 1000]'),
-    (['--do_time_shift'], 'add --solver=euler'),
-    (['--do_time_shift', '--solver=euler'], 'use --ts_rule=paper'),
+    (['--do_time_shift', '--ts_rule=released'], 'add --solver=euler'),
+    (['--do_time_shift', '--ts_rule=released', '--solver=euler'], 'use --ts_rule=paper'),
     (['--do_time_shift', '--ts_rule=paper', '--S_churn=5'], 'deterministic sampling only'),
 ])
 def test_bad_sampler_settings_get_one_line(tmp_path, cond_net_pkl, args, message):
@@ -239,6 +239,6 @@ def test_time_shift_and_epsilon_scaling_compose_in_generate(tmp_path, uncond_net
     result = CliRunner().invoke(generate.main, ['--device=cpu', f'--network={uncond_net_pkl}', f'--outdir={tmp_path / "out"}',
         '--seeds=0-3', '--steps=6', '--solver=euler', '--disc=vp', '--schedule=vp', '--scaling=vp', '--do_time_shift', '--eps_scaler=1.002'])
     assert result.exit_code == 0, result.output
-    assert len(os.listdir(tmp_path / 'out')) == 5
+    assert len(os.listdir(tmp_path / 'out')) == 4 and (tmp_path / 'out-grid.png').is_file() # The grid sits beside the images.
 
 #----------------------------------------------------------------------------
