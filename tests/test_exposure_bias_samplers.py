@@ -213,7 +213,8 @@ def test_seed_commands_run_as_written(tmp_path, uncond_net_pkl):
         result = run_cli([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1', 'generate.py',
             f'--outdir={tmp_path / "out"}', '--batch', '512', '--seeds=0-3', f'--network={uncond_net_pkl}', '--device=cpu', *extra])
         assert result.returncode == 0, result.stderr
-    assert len([f for f in os.listdir(tmp_path / 'out') if f.endswith('.png')]) == 5 # 4 images and a grid.
+    assert len([f for f in os.listdir(tmp_path / 'out') if f.endswith('.png')]) == 4 # 4 images; the grid goes beside them.
+    assert (tmp_path / 'out-grid.png').is_file() and (tmp_path / 'out-settings.json').is_file()
 
 def test_generate_with_scaler_one_writes_the_plain_images(tmp_path, cond_net_pkl):
     for name, extra in [('plain', []), ('es1', ['--eps_scaler=1', '--kappa=0'])]:
