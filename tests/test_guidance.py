@@ -405,7 +405,7 @@ def test_class_conditional_discriminator_from_labelled_real_and_npz_samples(tmp_
     assert sorted(os.listdir(tmp_path / 'disc')) == ['discriminator_1.pt', 'discriminator_2.pt']
     generate_ok('--network', cond_net_pkl, '--outdir', tmp_path / 'guided', '--seeds=0-3', '--steps=3', '--cond=1', '--kappa=0.001',
         '--pretrained_classifier_ckpt', cls_path, '--discriminator_ckpt', tmp_path / 'disc' / 'discriminator_2.pt', '--boosting=1')
-    assert len([f for f in os.listdir(tmp_path / 'guided') if f.endswith('.png')]) == 5 # Four seeds and the grid.
+    assert len([f for f in os.listdir(tmp_path / 'guided') if f.endswith('.png')]) == 4 # Four seeds; the grid goes beside them.
     unlabelled = write_image_folder(tmp_path / 'unlabelled', random_images(8, resolution=8))
     result = invoke(train_discriminator.main, '--real', unlabelled, '--fake', tmp_path / 'fake', '--outdir', tmp_path / 'nope', '--cond=1',
         '--pretrained_classifier_ckpt', cls_path, '--device=cpu')

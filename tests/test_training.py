@@ -143,7 +143,9 @@ def test_bad_input_gets_one_line_and_no_run_folder(tmp_path, data, unlabelled, c
 
 def test_resume_from_another_configuration_is_refused(tmp_path, data):
     train_in_process(tmp_path / 'a', data, '--cond=1', '--duration=0.0003', '--tick=0.1', '--dump=1')
-    state = os.path.join(run_dir(tmp_path / 'a'), 'training-state-000000.pt')
+    states = sorted(name for name in os.listdir(run_dir(tmp_path / 'a')) if name.startswith('training-state-'))
+    assert len(states) == 3 # --tick=0.1 --dump=1: states 0.1 kimg apart, none overwriting another.
+    state = os.path.join(run_dir(tmp_path / 'a'), states[-1])
     result = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "b"}', f'--data={data}', *TINY, '--cond=1', '--cres=1,1', f'--resume={state}'])
     assert result.exit_code != 0 and 'written with another configuration' in result.output and 'channel_mult' in result.output
     assert not (tmp_path / 'b').exists()
