@@ -128,8 +128,8 @@ def main():
 #----------------------------------------------------------------------------
 
 def interval_options(fn):
-    fn = click.option('--method', help='Square-root term per resample: exact, linearized, or auto (exact for D <= 256)',
-        type=click.Choice(['auto', 'exact', 'linearized']), default='auto', show_default=True)(fn)
+    fn = click.option('--method', help='Square-root term per resample: exact, expansion (second order, fast), or auto (exact for D <= 256)',
+        type=click.Choice(['auto', 'exact', 'expansion']), default='auto', show_default=True)(fn)
     fn = click.option('--resamples', help='Bootstrap resamples', metavar='INT', type=click.IntRange(min=10), default=fid_uncertainty.DEFAULT_RESAMPLES, show_default=True)(fn)
     fn = click.option('--blocks', help='Seed blocks the bootstrap draws', metavar='INT', type=click.IntRange(min=2), default=fid_uncertainty.DEFAULT_BLOCKS, show_default=True)(fn)
     return fn

@@ -18,13 +18,12 @@ is computed once, and FID = ||mu - mu_ref||^2 + tr S + tr Sigma_ref - 2 tr (R S 
 The mean term and tr S* are exact per resample. The last term is computed in one of two ways:
 
   exact:      eigvalsh(R S* R) per resample (d^3 per resample; needs every M_b: B d^2 floats).
-  linearized: f(S) = tr (R S R)^(1/2) is smooth in S with gradient G = 1/2 R (R S R)^(-1/2) R at the
-              full-set covariance S, so f(S*) ~ f(S) + <G, S* - S>, and <G, S*> needs only the per-block
-              scalars g_b = sum_{i in b} (x_i - m)^T G (x_i - m): one N d^2 pass, then O(B) per resample.
-              The neglected term is second order in S* - S, i.e. O(1/N) against the O(1/sqrt(N))
-              spread of the resamples (benchmarks/fid_bootstrap.py --validate compares both routes).
+  expansion:  f(S) = tr (R S R)^(1/2) expanded to second order around the full-set covariance S
+              (see ResampledFrechet): one eigen-decomposition, one N d^2 pass for the block second
+              moments in its eigenbasis and a B x B matrix, then O(B^2) per resample. The neglected
+              terms are third order; benchmarks/fid_bootstrap.py --validate compares it with exact.
 
-'auto' takes the exact route for d <= 256 and the linearized one above.
+'auto' takes the exact route for d <= 256 and the expansion above.
 
 Intervals are bootstrap percentile intervals of theta* - mean(theta*) added to the measured value:
 the bootstrap's own finite-N bias is removed, so the FID interval is one for E[FID_N], the expected
@@ -190,8 +189,8 @@ class BlockStatistics:
     """Per-block moments of one feature set, about the full-set mean, for the resampled Frechet distance.
 
     Rows are in seed order and blocks are runs of consecutive rows. counts [B], sums [B, D],
-    sq_norms [B] (tr M_b), and on the exact route second [B, D, D] (M_b); the linearized route
-    instead asks block_quadratic() for per-block sums of (x - m)^T G (x - m).
+    sq_norms [B] (tr M_b), and on the exact route second [B, D, D] (M_b); the expansion route
+    asks transformed_second_moments() for the same in the eigenbasis of R S R.
     """
     def __init__(self, features, blocks, num_blocks, exact):
         self.num_blocks, self.exact = num_blocks, exact
@@ -227,32 +226,67 @@ class BlockStatistics:
         sigma = (second / n - np.outer(mean_offset, mean_offset)) * (n / (n - 1))
         return self.center + mean_offset, _symmetric(sigma)
 
-    def block_quadratic(self, gradient, block_mask):
-        """Per-block sums of (x - m)^T G (x - m): besides covariance(), the linearized route's only N d^2 work."""
-        # float32 products, float64 sums: quad only carries the resamples' O(1/sqrt(N)) fluctuations,
-        # for which float32's 1e-7 is ample, and it halves the time of this pass at D = 2048.
-        quad = np.zeros(self.num_blocks)
-        gradient32, center32 = gradient.astype(np.float32), self.center.astype(np.float32)
+    def transformed_second_moments(self, transform):
+        """[B, D, D] float32 block second moments of y = (x - m) @ transform, block by block.
+
+        float32 products suffice: these carry only the resamples' fluctuations, O(1/sqrt(N)) of
+        the statistics, and float32 halves the time of this pass at D = 2048.
+        """
+        transform32, center32 = transform.astype(np.float32), self.center.astype(np.float32)
+        d = transform.shape[1]
+        second = np.empty([self.num_blocks, d, d], dtype=np.float32)
         for b in range(self.num_blocks):
-            if block_mask is None or block_mask[b]:
-                x = self.features[self.bounds[b]:self.bounds[b + 1]] - center32
-                quad[b] = np.einsum('ij,ij->i', x @ gradient32, x).astype(np.float64).sum()
-        return quad
+            y = (self.features[self.bounds[b]:self.bounds[b + 1]] - center32) @ transform32
+            second[b] = y.T @ y
+        return second
 
 class ResampledFrechet:
     """FID of the block moments under any block weights, against a fixed reference.
 
-    The linearized route expands tr (R S R)^(1/2) around the covariance S of all images, whatever
-    subset the weights select: every resample's covariance lies O(1/sqrt(n)) from S.
+    The expansion route expands f(S*) = tr (R S* R)^(1/2) around the covariance S of all images,
+    whatever subset the weights select (every resample's covariance lies O(1/sqrt(n)) from S), to
+    second order. In the eigenbasis R S R = V diag(lam) V^T, with E = V^T R (S* - S) R V,
+
+        f(S*) = f(S) + sum_i E_ii / (2 sqrt(lam_i)) + 1/2 sum_ij K_ij E_ij^2,   K_ij = -1 / (2 sqrt(lam_i lam_j) (sqrt(lam_i) + sqrt(lam_j)))
+
+    (the Daleckii-Krein formula for the second derivative of a trace function). With y = (x - m) R V
+    and C_b the block second moments of y, E = sum_b alpha_b C_b - rank-one mean term - diag(lam),
+    alpha_b = w_b n*/(n*-1)/n*, so the quadratic term is (alpha - alpha_1)^T H (alpha - alpha_1) with
+    the B x B matrix H_bc = <K, C_b o C_c> computed once; the mean's rank-one part enters the first
+    order term exactly and the quadratic one only at third order, which is dropped. The first-order
+    term alone (a "linearized" bootstrap) is too narrow whenever FID is not large against its own
+    finite-N bias: near equal distributions the gradient vanishes and the quadratic part dominates.
     """
     def __init__(self, stats, ref):
         self.stats, self.ref = stats, ref
         self.num_images = int(stats.counts.sum())
-        self.fid, sqrt_trace, self.gradient = self.subset_fid(np.ones(stats.num_blocks, dtype=bool), with_gradient=not stats.exact)
-        if not stats.exact:
-            self.quad = stats.block_quadratic(self.gradient, None)
-            self.sqrt_trace = sqrt_trace
-            self.base_inner = self._inner(np.ones([1, stats.num_blocks]))[0] # <G, S> from the same sums as the resamples.
+        full = np.ones(stats.num_blocks, dtype=bool)
+        if stats.exact:
+            self.fid = self.subset_fid(full)[0]
+            return
+        mu, sigma = stats.covariance(full)
+        inner = _symmetric(ref.root @ sigma @ ref.root)
+        eigvals, eigvecs = scipy.linalg.eigh(inner, check_finite=False)
+        positive = eigvals > max(eigvals[-1], 0) * len(eigvals) * 1e-10 # Directions the expansion cannot follow are left out.
+        lam = eigvals[positive]
+        self.sqrt_trace = float(np.sqrt(lam).sum())
+        self.fid = float(max(np.square(mu - ref.mu).sum() + np.trace(sigma) + ref.trace - 2 * self.sqrt_trace, 0))
+        transform = ref.root @ eigvecs[:, positive]
+        second = stats.transformed_second_moments(transform)
+        root = np.sqrt(lam)
+        # First order: <G, M_b> = 1/2 sum_i (C_b)_ii / sqrt(lam_i); G itself acts on mean offsets.
+        self.quad = 0.5 * (np.diagonal(second, axis1=1, axis2=2).astype(np.float64) / root).sum(axis=1)
+        self.gradient = _symmetric(0.5 * (transform / root) @ transform.T)
+        kernel = (-0.5 / (root[:, None] * root[None, :] * (root[:, None] + root[None, :]))).ravel()
+        flat = second.reshape(stats.num_blocks, -1)
+        self.gram = np.zeros([stats.num_blocks, stats.num_blocks])
+        for start in range(0, flat.shape[1], 1 << 18): # float64 sums in column chunks: the quadratic form cancels to O(D/N).
+            part = flat[:, start:start + (1 << 18)].astype(np.float64)
+            self.gram += part @ (part * kernel[start:start + (1 << 18)]).T
+        del second, flat
+        n = self.num_images
+        self.alpha_full = np.full(stats.num_blocks, 1 / (n - 1))
+        self.base_inner = self._inner(np.ones([1, stats.num_blocks]))[0] # <G, S> from the same sums as the resamples.
 
     def subset_fid(self, block_mask, with_gradient=False):
         """(FID, tr (R S R)^(1/2), G or None) of the images in the blocks of block_mask, exactly."""
@@ -286,7 +320,9 @@ class ResampledFrechet:
                 eigvals = np.linalg.eigvalsh((inner + inner.transpose(0, 2, 1)) * 0.5)
                 sqrt_trace[part] = np.sqrt(eigvals.clip(min=0)).sum(axis=1)
         else:
-            sqrt_trace = self.sqrt_trace + self._inner(weights) - self.base_inner
+            alpha = weights * (scale / n)[:, None] - self.alpha_full
+            second_order = 0.5 * np.einsum('rb,bc,rc->r', alpha, self.gram, alpha)
+            sqrt_trace = self.sqrt_trace + self._inner(weights) - self.base_inner + second_order
         return np.maximum(mean_term + trace + self.ref.trace - 2 * sqrt_trace, 0), n
 
 #----------------------------------------------------------------------------
@@ -315,8 +351,8 @@ def centered_interval(estimate, resampled, confidence=0.95):
     return [float(estimate + lo), float(estimate + hi)]
 
 def choose_exact(dim, method):
-    if method not in ('auto', 'exact', 'linearized'):
-        raise UncertaintyError(f'Unknown method "{method}"; use auto, exact or linearized')
+    if method not in ('auto', 'exact', 'expansion'):
+        raise UncertaintyError(f'Unknown method "{method}"; use auto, exact or expansion')
     return dim <= EXACT_MAX_DIM if method == 'auto' else method == 'exact'
 
 def intercept_fit(inv_sizes, values):
@@ -329,7 +365,7 @@ def block_statistics(feature_set, ref, num_blocks, method):
     check_dims(feature_set, ref)
     exact = choose_exact(feature_set.dim, method)
     if exact and num_blocks * feature_set.dim ** 2 * 8 > 4 << 30:
-        raise UncertaintyError(f'The exact route needs {num_blocks} x {feature_set.dim}^2 block moments (over 4 GiB); use the linearized one')
+        raise UncertaintyError(f'The exact route needs {num_blocks} x {feature_set.dim}^2 block moments (over 4 GiB); use --method=expansion')
     blocks = block_index(len(feature_set), num_blocks)
     return BlockStatistics(feature_set.features, blocks, num_blocks, exact)
 
@@ -342,7 +378,7 @@ def fid_with_interval(feature_set, ref, num_blocks=DEFAULT_BLOCKS, num_resamples
     full = ResampledFrechet(stats, ref)
     resampled, _ = full(draw_weights(draws, num_blocks))
     result = dict(fid=full.fid, ci=centered_interval(full.fid, resampled, confidence), num_images=len(feature_set),
-        blocks=num_blocks, resamples=num_resamples, confidence=confidence, method='exact' if stats.exact else 'linearized')
+        blocks=num_blocks, resamples=num_resamples, confidence=confidence, method='exact' if stats.exact else 'expansion')
     if fid_inf_fractions:
         # Nested subsets of whole blocks: prefixes of one random block order; in each resample the
         # prefixes of its sequence of drawn blocks, so every subset keeps its number of blocks.
@@ -394,7 +430,7 @@ def paired_comparison(set_a, set_b, ref, num_blocks=DEFAULT_BLOCKS, num_resample
         ci_a=centered_interval(fd_a.fid, resampled_a, confidence), ci_b=centered_interval(fd_b.fid, resampled_b, confidence),
         b_better_fraction=float(np.mean(resampled_b < resampled_a)), excludes_zero=bool(ci[0] > 0 or ci[1] < 0),
         paired=not unpaired, num_images_a=len(set_a), num_images_b=len(set_b), blocks=num_blocks, resamples=num_resamples,
-        confidence=confidence, method='exact' if stats_a.exact else 'linearized')
+        confidence=confidence, method='exact' if stats_a.exact else 'expansion')
 
 #----------------------------------------------------------------------------
 # One line a paper can quote.
