@@ -1,8 +1,8 @@
 """Time of a paired FID comparison with a bootstrap interval at the sizes users run, and its checks.
 
 Random features (a random linear map of Gaussian noise, so the covariance has a spread of
-eigenvalues as Inception features do); B is A scaled by 1.01 and shifted, so both the mean and the covariance terms differ
-be positive. Prints the time of 200 resamples of a 50k x 2048 paired comparison (everything after
+eigenvalues as Inception features do); B is A scaled by 1.01 and shifted, so both the mean and the covariance terms differ.
+Prints the time of 200 resamples of a 50k x 2048 paired comparison (everything after
 the features exist: block moments, the reference square root, both FIDs and the resamples).
 
     python benchmarks/fid_bootstrap.py                          # 50k x 2048, 200 resamples, expansion (second-order)
