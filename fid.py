@@ -92,7 +92,7 @@ def main():
 #----------------------------------------------------------------------------
 
 detector_option = click.option('--detector', 'detector_path', help='Feature detector: pickled module or TorchScript file', metavar='PATH|URL',
-    type=str, default=None, show_default='the one recorded in --ref, else EDM\'s Inception-v3')
+    type=str, default=None, show_default='EDM\'s Inception-v3, or the bundled detector for references made with it')
 batch_option = click.option('--batch', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 workers_option = click.option('--workers', help='Data loader processes per rank', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
 device_option = click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='cuda|cpu', type=click.Choice(['cuda', 'cpu']), default=None)
@@ -119,9 +119,13 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector_path, workers
         except frechet.StatsError as e:
             raise click.ClickException(str(e))
         images = open_images_or_fail(image_path, num_expected, seed)
-        chosen = detector_path or frechet.recorded_detector(ref_detector, ref_path) or feature_detectors.INCEPTION_URL
-        dist.print0(f'Using detector {chosen}' + (' (recorded in the reference statistics)' if detector_path is None and ref_detector else ''))
+        chosen = detector_path or feature_detectors.default_detector(ref_detector)
+        dist.print0(f'Using detector {chosen}' + (' (the bundled one, which the reference statistics record)' if chosen != detector_path and ref_detector else ''))
         detector = load_detector_or_fail(chosen, images.image_shape, device)
+        try:
+            frechet.check_detector(ref_detector, detector, ref_path)
+        except frechet.StatsError as e:
+            raise click.ClickException(str(e))
         if detector.feature_dim != ref_mu.shape[0]:
             raise click.ClickException(f'{ref_path} holds statistics of {ref_mu.shape[0]}-dimensional features, but detector '
                 f'{chosen} gives {detector.feature_dim}; use the detector that made the reference')
@@ -163,7 +167,7 @@ def ref(dataset_path, dest_path, batch, detector_path, workers, device):
     mu, sigma = image_statistics(images, detector, batch, workers, device)
     if dist.get_rank() == 0:
         dist.print0(f'Saving dataset reference statistics to "{dest_path}"...')
-        frechet.save_stats(dest_path, mu, sigma, detector=frechet.detector_for_record(detector_path, dest_path) if detector_path else None)
+        frechet.save_stats(dest_path, mu, sigma, detector=dict(name=detector.source, sha256=detector.sha256))
     dist.barrier()
     dist.print0('Done.')
     dist.shutdown()

@@ -38,7 +38,7 @@ class FloatList(click.ParamType):
 @click.option('--network',     'network_pkl', help='Network pickle  [default: the bundled digits model]', metavar='PATH|URL', type=str, show_default=False)
 @click.option('--data',        help='Training images  [default: the bundled digits]', metavar='ZIP|DIR', type=str, show_default=False)
 @click.option('--ref',         'ref_path', help='Reference statistics  [default: the bundled ones]', metavar='NPZ', type=str, show_default=False)
-@click.option('--detector',    'detector_path', help='Feature detector  [default: the one recorded in --ref]', metavar='PATH|URL', type=str, show_default=False)
+@click.option('--detector',    'detector_path', help='Feature detector  [default: the bundled one for references made with it, else Inception]', metavar='PATH|URL', type=str, show_default=False)
 @click.option('--num',         'num_images', help='Generated images per FD entry', metavar='INT', type=click.IntRange(min=2), default=400)
 @click.option('--num_calibration', help='Trajectories and training images for the eps-norm curves', metavar='INT', type=click.IntRange(min=2), default=128)
 @click.option('--rounds',      help='Calibration rounds', metavar='INT', type=click.IntRange(min=1), default=3)
@@ -73,9 +73,10 @@ def main(outdir, network_pkl, data, ref_path, detector_path, num_images, num_cal
         net = checkpoint.load_network(network_pkl).to(device).eval()
         images, labels = load_training_images(data, net, max(num_images, num_calibration))
         ref_mu, ref_sigma, recorded = frechet.load_stats(ref_path, with_detector=True)
-        detector_path = detector_path or frechet.recorded_detector(recorded, ref_path) or feature_detectors.INCEPTION_URL
+        detector_path = detector_path or feature_detectors.default_detector(recorded)
         print(f'Using detector {detector_path}')
         detector = feature_detectors.load_feature_detector(detector_path, [net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        frechet.check_detector(recorded, detector, ref_path)
         if detector.feature_dim != ref_mu.shape[0]:
             raise click.ClickException(f'{ref_path} holds {ref_mu.shape[0]}-dimensional statistics, detector {detector_path} gives {detector.feature_dim}')
     except (checkpoint.CheckpointError, DatasetError, frechet.StatsError, feature_detectors.DetectorError) as e:

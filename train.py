@@ -15,6 +15,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from training import checkpoint
+from training import safety
 from training import training_loop
 from training.dataset import DatasetError
 
@@ -132,6 +133,9 @@ def main(**kwargs):
         c = build_config(opts, device)
     except (DatasetError, checkpoint.CheckpointError) as e:
         raise click.ClickException(str(e))
+    except TrainingFinished as e:
+        dist.print0(str(e))
+        return
 
     dist.print0()
     dist.print0('Training options:')
@@ -160,6 +164,9 @@ def main(**kwargs):
     dist.shutdown()
 
 #----------------------------------------------------------------------------
+
+class TrainingFinished(Exception):
+    """--resume of a state that already reached --duration: nothing to train, nothing to write."""
 
 def build_config(opts, device):
     """All training options as the keyword arguments of training_loop(); ClickException for bad input."""
@@ -254,9 +261,14 @@ def build_config(opts, device):
         if not match or not os.path.isfile(opts.resume):
             raise click.ClickException(f'--resume must point to a training-state-*.pt file of a previous run (got {opts.resume})')
         try:
-            saved = training_loop.read_training_state_fingerprint(opts.resume)
+            state = training_loop.read_training_state(opts.resume)
         except Exception as e: # A damaged state fails to unpickle in many ways.
-            raise click.ClickException(f'Cannot read training state {opts.resume} ({type(e).__name__}: {e})')
+            raise click.ClickException(safety.first_line(e) if isinstance(e, ValueError) else f'Cannot read training state {opts.resume} ({type(e).__name__}: {safety.first_line(e)})')
+        saved = state.get('fingerprint') if state.get('format') == training_loop.STATE_FORMAT else None
+        if isinstance(state.get('cur_nimg'), int) and state['cur_nimg'] >= c.total_kimg * 1000:
+            raise TrainingFinished(f'{opts.resume} is a finished run ({state["cur_nimg"] / 1000:g} kimg of --duration={opts.duration:g} Mimg); '
+                'nothing to do (pass a larger --duration to train further)')
+        del state
         if saved is not None:
             current = training_loop.training_state_fingerprint(c.network_kwargs, c.loss_kwargs, c.dataset_kwargs, c.get('augment_kwargs'), c.batch_size, interface_kwargs)
             differences = training_loop.fingerprint_differences(saved, current)

@@ -17,6 +17,7 @@ import dnnlib
 from torch_utils import misc
 from torch_utils import persistence
 from training import networks
+from training import safety
 
 #----------------------------------------------------------------------------
 
@@ -39,6 +40,7 @@ def load_snapshot(path_or_url, verbose=True):
     """Unpickle a snapshot dict from a local path or URL; CheckpointError on anything unusable."""
     try:
         with dnnlib.util.open_url(path_or_url, verbose=verbose) as f:
+            safety.warn_code_executes(path_or_url, 'network pickle')
             data = pickle.load(f)
     except (FileNotFoundError, IsADirectoryError) as e:
         raise CheckpointError(f'Network file not found: {path_or_url}') from e

@@ -24,6 +24,7 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
 from training import checkpoint
+from training import safety
 
 STATE_FORMAT = 'exposure-bias-training-state-1'
 
@@ -60,10 +61,18 @@ def training_state_fingerprint(network_kwargs, loss_kwargs, dataset_kwargs, augm
         dataset_path=dataset_kwargs.get('path'), use_labels=dataset_kwargs.get('use_labels'), batch_size=batch_size, **interface_kwargs)
     return json.loads(json.dumps(fingerprint)) # Plain JSON types, as they come back from the state file.
 
+def read_training_state(path):
+    """A training state as a dict: ours load without running code (training/safety.py), NVIDIA
+    EDM's through the unsafe path after a warning. ValueError with a one-line reason otherwise."""
+    state = safety.load_training_state(path, STATE_FORMAT)
+    if not isinstance(state, dict) or (state.get('format') != STATE_FORMAT and not {'net', 'optimizer_state'} <= set(state)):
+        raise ValueError(f'{path} holds a {type(state).__name__} without "net" and "optimizer_state", not a training state')
+    return state
+
 def read_training_state_fingerprint(path):
     """The fingerprint stored in one of our training states, or None for NVIDIA EDM's states."""
-    state = torch.load(path, map_location=torch.device('cpu'), weights_only=False)
-    return state.get('fingerprint') if isinstance(state, dict) and state.get('format') == STATE_FORMAT else None
+    state = read_training_state(path)
+    return state.get('fingerprint') if state.get('format') == STATE_FORMAT else None
 
 def fingerprint_differences(saved, current):
     keys = sorted(set(saved) | set(current))
@@ -157,7 +166,7 @@ def training_loop(
         del source
     if resume_state_dump is not None:
         dist.print0(f'Loading training state from "{resume_state_dump}"...')
-        state = torch.load(resume_state_dump, map_location=torch.device('cpu'), weights_only=False)
+        state = read_training_state(resume_state_dump)
         if state.get('format') == STATE_FORMAT:
             net.load_state_dict(state['net'])
             ema.load_state_dict(state['ema'])
