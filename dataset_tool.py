@@ -23,6 +23,7 @@ import PIL.Image
 import tqdm
 
 import dnnlib
+from training import safety
 from training.dataset import DatasetError, is_image_file, read_image
 
 #----------------------------------------------------------------------------
@@ -33,7 +34,9 @@ from training.dataset import DatasetError, is_image_file, read_image
 def _read_labels_json(f, where):
     """{file name: label} from a dataset.json file object; empty if it has no labels."""
     try:
-        labels = json.load(f).get('labels')
+        labels = safety.load_json_capped(f, where).get('labels')
+    except safety.TooLarge as e:
+        raise DatasetError(str(e)) from e
     except (ValueError, AttributeError) as e:
         raise DatasetError(f'Cannot read {where}: not a JSON object with a "labels" list') from e
     if labels is None:
@@ -117,7 +120,9 @@ def open_cifar10(path, max_images=None):
                 except KeyError:
                     raise DatasetError(f'{path} is not the python version of CIFAR-10: it has no {member_name}') from None
                 with tar.extractfile(member) as f:
-                    data = pickle.load(f, encoding='latin1')
+                    data = safety.load_data_pickle(f, encoding='latin1') # Arrays and labels only: a tarball runs no code.
+                if not isinstance(data, dict):
+                    raise DatasetError(f'{member_name} in {path} holds a {type(data).__name__}, not a dict of images and labels')
                 # Loaded with encoding='latin1' (as numpy arrays pickled by Python 2 need), the
                 # official files have str keys; files written by Python 3 may have bytes keys.
                 batch_images = np.asarray(data.get('data', data.get(b'data')), dtype=np.uint8)

@@ -2,6 +2,7 @@
 on-disk cache that works offline when the file is already there or given as a local path."""
 
 import contextlib
+import errno
 import glob
 import hashlib
 import importlib
@@ -252,7 +253,9 @@ def atomic_write(path, mode='wb', fsync=False):
     assert mode in ('wb', 'w')
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    prefix = '.' + os.path.basename(path) + '.'
+    remove_stale_temporaries(folder)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix='.tmp')
     try:
         os.chmod(tmp, 0o666 & ~current_umask()) # mkstemp makes the file private; give it the usual permissions.
         with os.fdopen(fd, mode) as f:
@@ -261,9 +264,35 @@ def atomic_write(path, mode='wb', fsync=False):
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            import click # A full disk is the user's to fix: one line, as every CLI reports bad input.
+            raise click.ClickException(f'No space left on the device to write {path}; the partial file was removed') from e
         raise
+
+_STARTED = time.time()
+_swept_folders = set()
+_TEMPORARY_NAME = re.compile(r'^\..+\.[A-Za-z0-9_]{8}\.tmp$') # What atomic_write's mkstemp names look like.
+
+def remove_stale_temporaries(folder):
+    """Once per folder and process: remove the hidden temporaries that killed writes left there.
+
+    Only files last written before this process started count as stale, so that the temporaries of
+    other ranks writing into the same folder right now are left alone."""
+    if folder in _swept_folders:
+        return
+    _swept_folders.add(folder)
+    try:
+        entries = [entry for entry in os.scandir(folder) if _TEMPORARY_NAME.match(entry.name) and entry.is_file()]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.stat().st_mtime < _STARTED - 5:
+                os.remove(entry.path)
+        except OSError:
+            pass
 
 #----------------------------------------------------------------------------

@@ -6,7 +6,6 @@ and train.py / fid.py rebuild the dataset from them. For the same arguments it y
 images, labels and `max_size` subset in the same order.
 """
 
-import json
 import os
 import zipfile
 
@@ -15,6 +14,7 @@ import PIL.Image
 import torch
 
 import dnnlib
+from training import safety
 
 #----------------------------------------------------------------------------
 
@@ -334,7 +334,9 @@ class ImageFolderDataset(Dataset):
         where = f'{fname} in {self._path}'
         try:
             with self._open_file(fname) as f:
-                meta = json.load(f)
+                meta = safety.load_json_capped(f, where)
+        except safety.TooLarge as e:
+            raise DatasetError(str(e)) from e
         except (OSError, ValueError) as e:
             raise DatasetError(f'Cannot read {where}: {e}') from e
         if not isinstance(meta, dict) or meta.get('labels') is None:

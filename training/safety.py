@@ -75,8 +75,11 @@ def load_json_capped(f, where, max_bytes=MAX_JSON_BYTES):
     """json.load of a binary or text file object that refuses files over `max_bytes`."""
     data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise ValueError(f'{where} is larger than {max_bytes >> 20} MB; refusing to read it as JSON')
+        raise TooLarge(f'{where} is larger than {max_bytes / (1 << 20):g} MB; refusing to read it as JSON')
     return json.loads(data)
+
+class TooLarge(Exception):
+    """A file over its size cap; the message is one line."""
 
 #----------------------------------------------------------------------------
 # Training states: ours load without running code.
