@@ -15,6 +15,7 @@ import tqdm
 
 from torch_utils import distributed as dist
 from training import checkpoint
+from training import cli_checks
 from training import dataset
 from training import discriminator_guidance as dg_lib
 from training import epsilon_scaling
@@ -30,9 +31,15 @@ class SeedList(click.ParamType):
 
     def convert(self, value, param, ctx):
         try:
-            return generation.parse_seeds(value)
+            cli_checks.memory_fits(64 * cli_checks.seed_list_size(value), f'The seed list "{value}"', 'give fewer seeds')
+            seeds = generation.parse_seeds(value)
         except ValueError as e:
             self.fail(str(e), param, ctx)
+        except click.ClickException as e:
+            self.fail(e.message, param, ctx)
+        if seeds and max(seeds) >= 1 << 63:
+            self.fail(f'seed {max(seeds)} is too large (seeds are 64-bit integers)', param, ctx)
+        return seeds
 
 def list_presets(ctx, _param, value):
     if value and not ctx.resilient_parsing:
@@ -144,6 +151,19 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
         if values.solver == 'euler' and not given('solver'):
             sampler_kwargs['solver'] = 'euler'
 
+    # Bad input is answered before anything is loaded or written (training/cli_checks.py).
+    cli_checks.output_folder(outdir)
+    cli_checks.device_available(device)
+    for name, value in [('--eps_scaler', eps_scaler), ('--kappa', kappa), ('--S_noise', sampler_kwargs['S_noise']),
+            ('--dg_weight_1st_order', dg_weight_1st_order), ('--dg_weight_2nd_order', dg_weight_2nd_order)]:
+        cli_checks.finite(value, name)
+    cli_checks.ordered(sampler_kwargs['sigma_min'], sampler_kwargs['sigma_max'], '--sigma_min', '--sigma_max')
+    cli_checks.ordered(sampler_kwargs['S_min'], sampler_kwargs['S_max'], '--S_min', '--S_max')
+    cli_checks.expect_kind(network_pkl, '--network', cli_checks.NETWORK_KINDS)
+    for name, value in [('--discriminator_ckpt', discriminator_ckpt), ('--pretrained_classifier_ckpt', pretrained_classifier_ckpt), ('--molrg', molrg_path)]:
+        cli_checks.expect_kind(value, name, cli_checks.STATE_DICT_KINDS)
+    seeds = cli_checks.unique_seeds(seeds)
+
     dg_weight_1st_order = check_guidance_flags(discriminator_ckpt, pretrained_classifier_ckpt, dg_weight_1st_order, dg_weight_2nd_order,
         time_min, time_max, boosting, cond)
     if boosting and do_time_shift:
@@ -205,7 +225,7 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
             raise click.ClickException(str(e))
         todo = [seed for seed in seeds if seed not in done]
     elif resume:
-        todo = [seed for seed in seeds if not os.path.isfile(generation.image_path(outdir, seed, subdirs))]
+        todo = [seed for seed in seeds if not cli_checks.image_decodes(generation.image_path(outdir, seed, subdirs))]
     if resume:
         dist.print0(f'Resuming: {len(seeds) - len(todo)} of {len(seeds)} images already exist')
         dist.barrier() # Every rank must see the same files, so no rank may write before all have looked.

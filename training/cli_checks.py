@@ -73,6 +73,17 @@ def unique_seeds(seeds, option='--seeds'):
         click.echo(f'Warning: {option} lists {len(seeds) - len(unique)} seed(s) more than once; each is generated once', err=True)
     return unique
 
+def seed_list_size(spec):
+    """How many seeds '1,2,5-10' stands for, counted without expanding the ranges."""
+    count = 0
+    for part in str(spec).split(','):
+        low, _, high = part.strip().partition('-')
+        if low.isdigit() and high.isdigit():
+            count += max(int(high) - int(low) + 1, 0)
+        else:
+            count += 1
+    return count
+
 #----------------------------------------------------------------------------
 # Machines.
 
@@ -101,6 +112,19 @@ def memory_fits(num_bytes, what, hint='', device=None):
 
 #----------------------------------------------------------------------------
 # Input files: what kind a file is, from its first bytes.
+
+def image_decodes(path):
+    """Does `path` hold a complete image? (--resume regenerates the ones that do not.)"""
+    if not os.path.isfile(path):
+        return False
+    try:
+        import PIL.Image
+        with PIL.Image.open(path) as image:
+            image.load()
+        return True
+    except Exception: # PIL's errors for truncated or foreign bytes vary (OSError, SyntaxError, ValueError).
+        return False
+
 
 def file_kind(path):
     """'missing', 'folder', 'empty file', 'npz file', 'TorchScript archive', 'torch.save file',
@@ -145,7 +169,7 @@ def expect_kind(path, option, expected):
     kind = file_kind(path)
     if kind == 'missing':
         raise click.ClickException(f'{option}: file not found: {path}')
-    if kind not in expected:
+    if kind not in expected and kind != 'file of unknown kind': # Unknown bytes: the loader says what is wrong with them.
         raise click.ClickException(f'{option}={path} is a {kind}, expected a {" or ".join(expected)}')
     return path
 

@@ -124,10 +124,17 @@ def seeds_in_npz_files(outdir):
         if not re.fullmatch(r'samples_.*\.npz', fname):
             continue
         path = os.path.join(outdir, fname)
-        with np.load(path) as npz:
-            if 'seeds' not in npz.files:
-                raise ValueError(f'{path} does not record its seeds, so --resume cannot tell which are done; move it out of --outdir')
-            done.update(int(seed) for seed in npz['seeds'])
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                if 'seeds' not in npz.files:
+                    raise ValueError(f'{path} does not record its seeds, so --resume cannot tell which are done; move it out of --outdir')
+                done.update(int(seed) for seed in npz['seeds'])
+        except ValueError as e:
+            if 'does not record its seeds' in str(e):
+                raise
+            raise ValueError(f'{path} is not a readable .npz file ({e}); a killed write? Remove it and run again') from e
+        except Exception as e: # BadZipFile, EOFError, OSError: a damaged file.
+            raise ValueError(f'{path} is not a readable .npz file ({type(e).__name__}); a killed write? Remove it and run again') from e
     return done
 
 def load_image(path):
