@@ -7,6 +7,7 @@ without scipy.linalg.sqrtm (see training/frechet.py): exact, always real, and ov
 import click
 
 from torch_utils import distributed as dist
+from training import cli_checks
 from training import dataset
 from training import feature_detectors
 from training import frechet
@@ -111,6 +112,9 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector_path, workers
 
     Fewer images than --num is an error; of more, a random subset (picked by --seed) is used.
     """
+    cli_checks.device_available(device)
+    cli_checks.readable_npz(ref_path, '--ref', required_keys=['mu', 'sigma'])
+    cli_checks.expect_kind(detector_path, '--detector', cli_checks.TORCH_MODULE_KINDS)
     device = dist.init(device)
 
     def load():
@@ -155,6 +159,9 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector_path, workers
 @device_option
 def ref(dataset_path, dest_path, batch, detector_path, workers, device):
     """Calculate dataset reference statistics needed by 'calc'."""
+    cli_checks.output_file(dest_path, '--dest')
+    cli_checks.device_available(device)
+    cli_checks.expect_kind(detector_path, '--detector', cli_checks.TORCH_MODULE_KINDS)
     device = dist.init(device)
 
     def load():

@@ -4,6 +4,7 @@ See training/exposure_bias_study.py for what is measured. Defaults run the bundl
 data, detector and reference statistics, offline on a CPU.
 """
 
+import math
 import time
 
 import click
@@ -11,6 +12,7 @@ import torch
 
 from eps_norm import load_training_images
 from torch_utils import distributed as dist
+from training import cli_checks
 from training import bundled
 from training import checkpoint
 from training import exposure_bias_study
@@ -29,7 +31,7 @@ class FloatList(click.ParamType):
             values = [float(v) for v in str(value).split(',') if v.strip()]
         except ValueError:
             self.fail(f'"{value}" is not a comma-separated list of numbers', param, ctx)
-        if not values or min(values) <= 0:
+        if not values or not all(math.isfinite(v) and v > 0 for v in values):
             self.fail(f'"{value}": give at least one positive eps_scaler', param, ctx)
         return values
 
@@ -65,6 +67,11 @@ def main(outdir, network_pkl, data, ref_path, detector_path, num_images, num_cal
     python study.py --outdir=results/quick --num=200 --num_calibration=64 --rounds=1
     """
     start = time.time()
+    cli_checks.output_folder(outdir)
+    cli_checks.device_available(device)
+    cli_checks.readable_npz(ref_path, '--ref', required_keys=['mu', 'sigma'])
+    cli_checks.expect_kind(network_pkl, '--network', cli_checks.NETWORK_KINDS)
+    cli_checks.expect_kind(detector_path, '--detector', cli_checks.TORCH_MODULE_KINDS)
     device = dist.init(device)
     network_pkl = network_pkl or bundled.NETWORK
     data = data or bundled.DATA

@@ -15,6 +15,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from training import checkpoint
+from training import cli_checks
 from training import safety
 from training import training_loop
 from training.dataset import DatasetError
@@ -125,6 +126,9 @@ def main(**kwargs):
         --resume=training-runs/00000-cifar10-32x32-cond-ddpmpp-edm-gpus8-batch512-fp32/training-state-050000.pt
     """
     opts = dnnlib.EasyDict(kwargs)
+    cli_checks.output_folder(opts.outdir)
+    cli_checks.device_available(opts.device)
+    cli_checks.expect_kind(opts.transfer, '--transfer', cli_checks.NETWORK_KINDS)
     device = dist.init(opts.device)
     if device.type == 'cuda':
         torch.multiprocessing.set_start_method('spawn', force=True) # DataLoader workers must not inherit CUDA state.

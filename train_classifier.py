@@ -9,6 +9,7 @@ image was given (self-supervised). One `classifier_{epoch}.pt` per epoch in --ou
 import click
 import torch
 
+from training import cli_checks
 from training import dataset as dataset_lib
 from training import guidance_training
 
@@ -39,6 +40,8 @@ def main(data, outdir, labels, epochs, batch, lr, width, depth, max_size, seed, 
     # No labels: the rotation task
     python train_classifier.py --data=datasets/faces-64x64.zip --outdir=cls --labels=rotation
     """
+    cli_checks.output_folder(outdir)
+    cli_checks.device_available(device)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     try:
         if labels is None:
