@@ -9,8 +9,8 @@ import numpy as np
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import copy_detection
 from training import cli_checks
+from training import copy_detection
 from training import dataset
 from training import feature_detectors
 from training import image_sources
@@ -101,6 +101,7 @@ threshold_option = click.option('--t', 'threshold', help='Cosine similarity abov
 @threshold_option
 def rpscore(source_path, target_path, threshold):
     """Reproducibility score: fraction of index-matched pairs with similarity > t."""
+    cli_checks.finite(threshold, '--t')
     source, target = load_features_or_fail(source_path, '--source'), load_features_or_fail(target_path, '--target')
     if source.shape[0] != target.shape[0]:
         raise click.ClickException(f'{source_path} has {source.shape[0]} images and {target_path} {target.shape[0]}; the RP score pairs '
@@ -119,6 +120,7 @@ def rpscore(source_path, target_path, threshold):
 @click.option('--block', 'block_size', help='Rows per block of the similarity matrix', metavar='INT', type=click.IntRange(min=1), default=4096, show_default=True)
 def mscore(source_path, target_path, threshold, block_size):
     """Memorization score: 1 - fraction of source images whose nearest target has similarity > t."""
+    cli_checks.finite(threshold, '--t')
     source, target = load_features_or_fail(source_path, '--source'), load_features_or_fail(target_path, '--target')
     cli_checks.memory_fits(8 * min(block_size, source.shape[0]) * target.shape[0], f'A similarity block of {block_size} rows', 'give a smaller --block')
     try:

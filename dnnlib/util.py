@@ -252,6 +252,10 @@ def atomic_write(path, mode='wb', fsync=False):
     """
     assert mode in ('wb', 'w')
     folder = os.path.dirname(os.path.abspath(path))
+    created = folder # The top-most folder this write creates, removed again if the write fails.
+    while not os.path.exists(os.path.dirname(created)) and os.path.dirname(created) != created:
+        created = os.path.dirname(created)
+    created = None if os.path.exists(folder) else created
     os.makedirs(folder, exist_ok=True)
     prefix = '.' + os.path.basename(path) + '.'
     remove_stale_temporaries(folder)
@@ -267,10 +271,23 @@ def atomic_write(path, mode='wb', fsync=False):
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if created is not None:
+            remove_empty_folders(folder, created)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             import click # A full disk is the user's to fix: one line, as every CLI reports bad input.
             raise click.ClickException(f'No space left on the device to write {path}; the partial file was removed') from e
         raise
+
+def remove_empty_folders(folder, top):
+    """Remove `folder` and its parents up to and including `top`, as long as they are empty."""
+    while True:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+        if folder == top:
+            return
+        folder = os.path.dirname(folder)
 
 _STARTED = time.time()
 _swept_folders = set()

@@ -47,8 +47,11 @@ def output_file(path, option='--dest'):
     path = str(path)
     if os.path.isdir(path) or path.endswith(('/', os.sep)):
         raise click.ClickException(f'{option}={path} is a folder; give a file name')
-    folder = os.path.dirname(os.path.abspath(path))
-    output_folder(folder, option=f'{option} folder')
+    ancestor = _first_existing_ancestor(os.path.dirname(os.path.abspath(path)))
+    if not os.path.isdir(ancestor):
+        raise click.ClickException(f'{option}={path} cannot be created: {ancestor} is a file, not a folder')
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise click.ClickException(f'{option}={path} cannot be created: {ancestor} is not writable')
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise click.ClickException(f'{option}={path} exists and is not writable')
     return path
@@ -167,11 +170,13 @@ def expect_kind(path, option, expected):
     if path is None or '://' in str(path):
         return path
     kind = file_kind(path)
-    if kind == 'missing':
-        raise click.ClickException(f'{option}: file not found: {path}')
-    if kind not in expected and kind != 'file of unknown kind': # Unknown bytes: the loader says what is wrong with them.
-        raise click.ClickException(f'{option}={path} is a {kind}, expected a {" or ".join(expected)}')
+    # Missing files, text and unknown bytes: the loader says what is wrong with them, in its words.
+    if kind not in expected and kind not in ('missing', 'JSON/text file', 'file of unknown kind'):
+        raise click.ClickException(f'{option}={path} is {with_article(kind)}, expected {with_article(" or ".join(expected))}')
     return path
+
+def with_article(noun):
+    return ('an ' if noun[0].lower() in 'aeiou' else 'a ') + noun
 
 NETWORK_KINDS = ('pickle',)
 STATE_DICT_KINDS = ('torch.save file', 'pickle') # torch.save of older versions is a plain pickle.
@@ -181,8 +186,10 @@ def readable_npz(path, option, required_keys=()):
     """A local .npz file that opens and holds `required_keys`; its arrays are not loaded here."""
     if path is None or '://' in str(path):
         return path
+    if not os.path.exists(path):
+        return path # The loader's "not found" message names what the file was for.
     if not os.path.isfile(path):
-        raise click.ClickException(f'{option}: file not found: {path}' if not os.path.exists(path) else f'{option}={path} is a folder, expected an .npz file')
+        raise click.ClickException(f'{option}={path} is a folder, expected an .npz file')
     try:
         with np.load(path, allow_pickle=False) as npz:
             if not isinstance(npz, np.lib.npyio.NpzFile):
@@ -196,7 +203,8 @@ def readable_npz(path, option, required_keys=()):
     except click.ClickException:
         raise
     except Exception as e: # np.load's many ways to say "not an npz" (BadZipFile, ValueError, EOFError, OSError).
-        raise click.ClickException(f'{option}={path} is not a readable .npz file ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else "truncated?"})')
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else 'truncated?'
+        raise click.ClickException(f'Cannot read {option}={path} as an .npz file ({type(e).__name__}: {reason})')
     return path
 
 #----------------------------------------------------------------------------
