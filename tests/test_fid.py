@@ -279,7 +279,7 @@ BAD_CALC_INPUTS = {
     'reference of another dim': (lambda t, f: ['--ref', np.savez(t / 'r.npz', mu=np.zeros(8), sigma=np.eye(8)) or t / 'r.npz'], '8-dimensional features'),
     'missing detector':         (lambda t, f: ['--detector', t / 'nope.pt'], 'Detector file not found'),
     'detector is text':         (lambda t, f: ['--detector', _write(t / 'd.pkl', 'not a detector')], 'neither a TorchScript archive nor a pickled torch module'),
-    'detector is a zip':        (lambda t, f: ['--detector', np.savez(t / 'd.npz', x=1) or t / 'd.npz'], 'not a TorchScript archive'),
+    'detector is a zip':        (lambda t, f: ['--detector', np.savez(t / 'd.npz', x=1) or t / 'd.npz'], 'is an npz file, expected a TorchScript archive'),
     'detector is a dict':       (lambda t, f: ['--detector', _pickle(t / 'd.pkl', {'ema': 1})], 'holds a pickled dict'),
     'wrong image size':         (lambda t, f: ['--detector', save_torchscript(FixedSizeDetector(resolution=16), t / 'd.pt')], 'fails on uint8 images of 3x8x8'),
     'detector not features':    (lambda t, f: ['--detector', save_torchscript(torch.nn.Identity(), t / 'd.pt')], 'must return an [N, D] float feature matrix'),

@@ -35,6 +35,7 @@ import train_detector
 import train_discriminator
 from conftest import make_tiny_net, run_cli, save_tiny_snapshot
 from tiny_models import TinyInception, TinySSCD, random_images, save_torchscript, write_image_folder
+from training import cli_checks
 from training import frechet
 from training import training_loop
 
@@ -234,8 +235,7 @@ NETWORK_OPTIONS = {
 }
 for option, build in NETWORK_OPTIONS.items():
     for kind in ['zip file', 'npz file', 'npy array', 'torch.save file', 'TorchScript archive', 'empty file', 'PNG image', 'gzip file']:
-        article = 'an' if kind[0] in 'aeiou' else 'a'
-        row(f'{option}: {kind}', f'is {article} {kind}, expected a pickle', lambda e, t, b=build, k=kind: b(e, t, e['kinds'][k]))
+        row(f'{option}: {kind}', f'is {cli_checks.with_article(kind)}, expected a pickle', lambda e, t, b=build, k=kind: b(e, t, e['kinds'][k]))
     row(f'{option}: missing file', 'not found', lambda e, t, b=build: b(e, t, t / 'missing.pkl'))
     row(f'{option}: text file', 'not a readable network pickle', lambda e, t, b=build: b(e, t, e['text']))
 MODULE_OPTIONS = {
@@ -244,8 +244,7 @@ MODULE_OPTIONS = {
 }
 for option, build in MODULE_OPTIONS.items():
     for kind in ['zip file', 'npz file', 'torch.save file', 'empty file', 'PNG image']:
-        article = 'an' if kind[0] in 'aeiou' else 'a'
-        row(f'{option}: {kind}', f'is {article} {kind}, expected a TorchScript archive or pickle', lambda e, t, b=build, k=kind: b(e, t, e['kinds'][k]))
+        row(f'{option}: {kind}', f'is {cli_checks.with_article(kind)}, expected a TorchScript archive or pickle', lambda e, t, b=build, k=kind: b(e, t, e['kinds'][k]))
     row(f'{option}: text file', 'neither a TorchScript archive nor a pickled torch module', lambda e, t, b=build: b(e, t, e['text']))
 STATE_DICT_OPTIONS = {
     'generate --discriminator_ckpt': lambda e, t, f: generate_args(e, t, '--discriminator_ckpt', f, '--pretrained_classifier_ckpt', e['kinds']['torch.save file']),
@@ -256,8 +255,7 @@ STATE_DICT_OPTIONS = {
 }
 for option, build in STATE_DICT_OPTIONS.items():
     for kind in ['zip file', 'npz file', 'TorchScript archive', 'PNG image']:
-        article = 'an' if kind[0] in 'aeiou' else 'a'
-        row(f'{option}: {kind}', f'is {article} {kind}, expected a torch.save file or pickle', lambda e, t, b=build, k=kind: b(e, t, e['kinds'][k]))
+        row(f'{option}: {kind}', f'is {cli_checks.with_article(kind)}, expected a torch.save file or pickle', lambda e, t, b=build, k=kind: b(e, t, e['kinds'][k]))
 
 # Truncated, damaged or wrong statistics and feature files.
 REF_OPTIONS = {'fid calc --ref': lambda e, t, f: calc_args(e, t, ref=f), 'study --ref': lambda e, t, f: study_args(e, t, ref=f)}
@@ -265,10 +263,10 @@ for option, build in REF_OPTIONS.items():
     row(f'{option}: truncated npz', 'as an .npz file', lambda e, t, b=build: b(e, t, e['truncated_npz']))
     row(f'{option}: text file', 'as an .npz file', lambda e, t, b=build: b(e, t, e['text']))
     row(f'{option}: empty file', 'as an .npz file', lambda e, t, b=build: b(e, t, e['kinds']['empty file']))
-    row(f'{option}: single npy array', 'as an .npz file', lambda e, t, b=build: b(e, t, e['kinds']['npy array']))
+    row(f'{option}: single npy array', 'is a single .npy array, not an .npz file', lambda e, t, b=build: b(e, t, e['kinds']['npy array']))
     row(f'{option}: folder', 'is a folder', lambda e, t, b=build: b(e, t, e['folder']))
     row(f'{option}: missing file', 'not found', lambda e, t, b=build: b(e, t, t / 'missing.npz'))
-    row(f'{option}: no sigma', 'has no "sigma" array', lambda e, t, b=build: b(e, t, e['no-sigma']))
+    row(f'{option}: no sigma', 'has no "mu" and "sigma" arrays', lambda e, t, b=build: b(e, t, e['no-sigma']))
     row(f'{option}: object arrays', 'as an .npz file', lambda e, t, b=build: b(e, t, e['object']))
     row(f'{option}: NaN mu', 'NaN or infinite', lambda e, t, b=build: b(e, t, e['nan-ref']))
     row(f'{option}: infinite sigma', 'NaN or infinite', lambda e, t, b=build: b(e, t, e['inf-ref']))
@@ -367,6 +365,11 @@ row('train_discriminator --cond=1 without labels', 'label', lambda e, t: discrim
 row('train_detector --data unlabelled', 'has no labels', lambda e, t: detector_args(e, t, data=e['unlabelled']))
 row('train_detector --data missing', 'not found', lambda e, t: detector_args(e, t, data=t / 'nowhere'))
 row('fid calc --images missing', 'not found', lambda e, t: ('fid', calc_args(e, t)[1][:1] + ['--images', t / 'nowhere'] + calc_args(e, t)[1][3:]))
+row('fid calc --images truncated npz', 'truncated.npz', lambda e, t: ('fid', ['calc', '--images', e['truncated_npz'], '--ref', e['ref'], '--num=2', '--detector', e['detector'], '--device=cpu', '--workers=0']))
+row('fid ref --data truncated npz', 'truncated.npz', lambda e, t: ('fid', ['ref', '--data', e['truncated_npz'], '--dest', out(t) / 'r.npz', '--detector', e['detector'], '--device=cpu', '--workers=0']))
+row('sscd feature --images truncated npz', 'truncated.npz', lambda e, t: ('sscd', ['feature', '--images', e['truncated_npz'], '--features', out(t) / 'f.npz', '--model', e['sscd_model'], '--device=cpu']))
+row('train_discriminator --fake truncated npz', 'truncated.npz', lambda e, t: ('train_discriminator', discriminator_args(e, t)[1][:2] + ['--fake', e['truncated_npz']] + discriminator_args(e, t)[1][4:]))
+row('train_classifier --data truncated npz', 'truncated.npz', lambda e, t: classifier_args(e, t, data=e['truncated_npz']))
 row('eps_norm --data of another size', '--data has 3x16x16 images', lambda e, t: eps_norm_args(e, t, '--data', labelled_folder(t, [[n, 0] for n in NAMES], resolution=16)))
 
 def damaged_zip(t):
@@ -471,9 +474,11 @@ def test_a_crafted_training_state_runs_nothing(env, tmp_path):
     assert not marker.exists() and not out(tmp_path).exists()
 
 def test_pickles_that_run_code_are_named_once_on_stderr_and_the_bundled_ones_are_not(env, tmp_path):
-    result = invoke(*generate_args(env, tmp_path, '--seeds=0', '--steps=1', '--no-grid'))
+    network = tmp_path / 'copy.pkl' # A path no earlier test loaded in this process.
+    network.write_bytes(open(env['net'], 'rb').read())
+    result = invoke(*generate_args(env, tmp_path, '--network', network, '--seeds=0', '--steps=1', '--no-grid'))
     assert result.exit_code == 0, result.output
-    assert result.stderr.count('Warning: loading network pickle') <= 1 # Once per process: an earlier test may have loaded it.
+    assert result.stderr.count(f'Warning: loading network pickle {network} runs the Python code it contains') == 1
     result = invoke('generate', ['--outdir', tmp_path / 'bundled', '--seeds=0', '--steps=1', '--device=cpu', '--no-grid'])
     assert result.exit_code == 0 and 'runs the Python code' not in result.stderr
 

@@ -176,7 +176,7 @@ def expect_kind(path, option, expected):
     return path
 
 def with_article(noun):
-    return ('an ' if noun[0].lower() in 'aeiou' else 'a ') + noun
+    return ('an ' if noun[0].lower() in 'aeiou' or noun.startswith(('npz', 'npy')) else 'a ') + noun # "an npz", said en-pee-zed.
 
 NETWORK_KINDS = ('pickle',)
 STATE_DICT_KINDS = ('torch.save file', 'pickle') # torch.save of older versions is a plain pickle.
@@ -191,13 +191,15 @@ def readable_npz(path, option, required_keys=()):
     if not os.path.isfile(path):
         raise click.ClickException(f'{option}={path} is a folder, expected an .npz file')
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise ValueError('a single .npy array')
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise click.ClickException(f'{option}={path} is a single .npy array, not an .npz file')
+        with npz:
             keys = list(npz.keys())
-            for key in required_keys:
-                if key not in keys:
-                    raise click.ClickException(f'{option}={path} has no "{key}" array (it has: {", ".join(keys) or "nothing"})')
+            if not all(key in keys for key in required_keys):
+                names = ' and '.join(f'"{key}"' for key in required_keys)
+                raise click.ClickException(f'{option}={path} has no {names} array{"s" if len(required_keys) > 1 else ""} '
+                    f'(it has: {", ".join(keys) or "nothing"})')
             for key in required_keys:
                 npz[key] # Reads the member fully: a truncated file fails here rather than mid-run.
     except click.ClickException:
