@@ -313,6 +313,7 @@ def open_dest(dest):
     if os.path.isdir(dest) and len(os.listdir(dest)) != 0:
         raise DatasetError(f'--dest folder {dest} already has files in it; give a new or empty folder')
     parent = os.path.dirname(os.path.abspath(dest))
+    dnnlib.util.remove_stale_temporaries(parent) # The hidden folders of killed earlier runs.
     os.makedirs(parent, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(os.path.abspath(dest))}.', suffix='.tmp')
     try:

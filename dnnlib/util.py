@@ -9,6 +9,7 @@ import importlib
 import io
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -302,13 +303,16 @@ def remove_stale_temporaries(folder):
         return
     _swept_folders.add(folder)
     try:
-        entries = [entry for entry in os.scandir(folder) if _TEMPORARY_NAME.match(entry.name) and entry.is_file()]
+        entries = [entry for entry in os.scandir(folder) if _TEMPORARY_NAME.match(entry.name)]
     except OSError:
         return
     for entry in entries:
         try:
-            if entry.stat().st_mtime < _STARTED - 5:
-                os.remove(entry.path)
+            if entry.stat(follow_symlinks=False).st_mtime < _STARTED - 5:
+                if entry.is_dir(follow_symlinks=False): # dataset_tool.py builds a folder --dest as a hidden temporary folder.
+                    shutil.rmtree(entry.path)
+                else:
+                    os.remove(entry.path)
         except OSError:
             pass
 

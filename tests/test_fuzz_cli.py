@@ -530,6 +530,15 @@ def test_stale_temporaries_of_killed_writes_are_removed_by_the_next_write(env, t
     assert result.exit_code == 0, result.output
     assert sorted(os.listdir(tmp_path)) == ['ref.npz']
 
+def test_the_hidden_folder_of_a_killed_dataset_tool_run_is_removed_by_the_next(env, tmp_path):
+    stale = tmp_path / '.dataset.abcd1234.tmp'
+    stale.mkdir()
+    (stale / 'img00000000.png').write_bytes(b'half')
+    os.utime(stale, (1, 1))
+    result = invoke('dataset_tool', ['--source', env['data'], '--dest', tmp_path / 'dataset'])
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(tmp_path)) == ['dataset']
+
 @pytest.mark.slow
 def test_bad_input_in_a_fresh_process_is_one_line_too(env, tmp_path):
     """The table runs in-process; a few rows again as a user runs them, under python and torchrun."""
