@@ -164,14 +164,19 @@ class GroupNorm(torch.nn.Module):
 
 #----------------------------------------------------------------------------
 # Attention weights W = softmax_k(q . k / sqrt(C)) for q, k of shape [N, C, L].
-# The logits and softmax are computed in float32 and W is returned in q's
-# dtype. The backward pass keeps only q, k and W in that dtype; plain autograd
-# would also keep float32 copies of q, k and of the softmax, 23% more memory in
-# fp16 training (benchmarks/attention_memory.py). The vmap and jvp rules keep
-# torch.func (jacrev, jvp, vmap) working through it (jacobian.py needs that).
+# The logits and softmax are computed in float32 (float64 for float64 inputs)
+# and W is returned in q's dtype. The backward pass keeps only q, k and W in
+# that dtype, as NVIDIA EDM's AttentionOp does; plain autograd would also keep
+# float32 copies of q and k and the float32 softmax, 59% more activation memory
+# per sample for ADM-64 in fp16 (benchmarks/attention_memory.py). The vmap and
+# jvp rules keep torch.func (jacrev, jvp, vmap) working, which jacobian.py needs.
+
+def _wide(dtype):
+    return torch.promote_types(dtype, torch.float32)
 
 def _attention_logits(q, k):
-    return torch.einsum('ncq,nck->nqk', q.to(torch.float32), (k / np.sqrt(k.shape[1])).to(torch.float32))
+    wide = _wide(q.dtype)
+    return torch.einsum('ncq,nck->nqk', q.to(wide), (k / np.sqrt(k.shape[1])).to(wide))
 
 class AttentionWeights(torch.autograd.Function):
     generate_vmap_rule = True
@@ -189,10 +194,12 @@ class AttentionWeights(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_weights):
         q, k, weights = ctx.saved_tensors
-        # d logits = W * (dW - sum_k W dW): the softmax's vector-Jacobian product.
-        grad_logits = torch._softmax_backward_data(grad_output=grad_weights.to(torch.float32), output=weights.to(torch.float32), dim=2, input_dtype=torch.float32)
-        grad_q = torch.einsum('nck,nqk->ncq', k.to(torch.float32), grad_logits).to(q.dtype) / np.sqrt(k.shape[1])
-        grad_k = torch.einsum('ncq,nqk->nck', q.to(torch.float32), grad_logits).to(k.dtype) / np.sqrt(k.shape[1])
+        wide = _wide(q.dtype)
+        # d logits = W * (dW - sum_k W dW), the softmax's vector-Jacobian product; then the two
+        # factors of the logits q . k / sqrt(C).
+        grad_logits = torch._softmax_backward_data(grad_output=grad_weights.to(wide), output=weights.to(wide), dim=2, input_dtype=wide)
+        grad_q = torch.einsum('nck,nqk->ncq', k.to(wide), grad_logits).to(q.dtype) / np.sqrt(k.shape[1])
+        grad_k = torch.einsum('ncq,nqk->nck', q.to(wide), grad_logits).to(k.dtype) / np.sqrt(k.shape[1])
         return grad_q, grad_k
 
     @staticmethod
@@ -200,7 +207,7 @@ class AttentionWeights(torch.autograd.Function):
         q, k, weights = ctx.saved_tensors
         # d logits = (dq . k + q . dk) / sqrt(C); dW = W * (d logits - sum_k W d logits).
         tangent_logits = _attention_logits(tangent_q, k) + _attention_logits(q, tangent_k)
-        w = weights.to(torch.float32)
+        w = weights.to(_wide(q.dtype))
         tangent_w = w * (tangent_logits - (w * tangent_logits).sum(dim=2, keepdim=True))
         return tangent_w.to(q.dtype)
 
