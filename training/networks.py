@@ -456,6 +456,12 @@ def run_unet(encoder, decoder, x, emb):
 # 'positional', encoder_type='standard', resample_filter=[1,1]; NCSN++:
 # 'fourier', 'residual', [1,3,3,1], channel_mult_noise=2.
 
+SONG_UNET_CHOICES = dict(
+    embedding_type  = ['positional', 'fourier'],
+    encoder_type    = ['standard', 'skip', 'residual'],
+    decoder_type    = ['standard', 'skip'],
+)
+
 @persistence.persistent_class
 class SongUNet(torch.nn.Module):
     def __init__(self,
@@ -479,19 +485,19 @@ class SongUNet(torch.nn.Module):
         decoder_type        = 'standard',   # 'standard' or 'skip'.
         resample_filter     = [1,1],        # [1,1] (DDPM++) or [1,3,3,1] (NCSN++).
     ):
-        assert embedding_type in ['fourier', 'positional']
-        assert encoder_type in ['standard', 'skip', 'residual']
-        assert decoder_type in ['standard', 'skip']
+        for name, value in [('embedding_type', embedding_type), ('encoder_type', encoder_type), ('decoder_type', decoder_type)]:
+            assert value in SONG_UNET_CHOICES[name], f'{name} must be one of {SONG_UNET_CHOICES[name]}, not {value!r}'
         super().__init__()
         self.label_dropout = label_dropout
-        emb_channels = model_channels * channel_mult_emb
-        noise_channels = model_channels * channel_mult_noise
+        # Xavier-uniform everywhere; the last layer of each branch starts near zero (1e-5) and the
+        # attention's qkv projection at sqrt(0.2), as in Song et al.'s code.
         init = dict(init_mode='xavier_uniform')
-        init_zero = dict(init_mode='xavier_uniform', init_weight=1e-5)
-        init_attn = dict(init_mode='xavier_uniform', init_weight=np.sqrt(0.2))
+        init_zero = dict(init, init_weight=1e-5)
+        noise_channels = model_channels * channel_mult_noise
+        emb_channels = model_channels * channel_mult_emb
         block = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=np.sqrt(0.5), eps=1e-6,
             resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
-            init=init, init_zero=init_zero, init_attn=init_attn)
+            init=init, init_zero=init_zero, init_attn=dict(init, init_weight=np.sqrt(0.2)))
 
         # Embedding of noise level, class and augmentation.
         if embedding_type == 'positional':
@@ -608,6 +614,13 @@ def precondition(net, coefficients, x, sigma, class_labels, force_fp32, model_kw
 def _scalar(value):
     return torch.as_tensor(value)
 
+def _setup(net, model_type, model_out_channels, model_kwargs, **settings):
+    """Keep a preconditioner's settings as attributes and build its model F (the only random draws)."""
+    for name, value in settings.items():
+        setattr(net, name, value)
+    net.model = globals()[model_type](img_resolution=net.img_resolution, in_channels=net.img_channels,
+        out_channels=model_out_channels, label_dim=net.label_dim, **model_kwargs)
+
 # VP (Song et al. 2021), EDM Table 1 column "VP":
 #   sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1),
 #   c_skip = 1, c_out = -sigma, c_in = 1 / sqrt(sigma^2 + 1), c_noise = (M - 1) sigma^-1(sigma).
@@ -627,17 +640,11 @@ class VPPrecond(torch.nn.Module):
         **model_kwargs,                 # Constructor arguments of F.
     ):
         super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
-        self.beta_d = beta_d
-        self.beta_min = beta_min
-        self.M = M
-        self.epsilon_t = epsilon_t
-        self.sigma_min = float(self.sigma(epsilon_t))
+        _setup(self, model_type, img_channels, model_kwargs,
+            img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, use_fp16=use_fp16,
+            beta_d=beta_d, beta_min=beta_min, M=M, epsilon_t=epsilon_t)
+        self.sigma_min = float(self.sigma(epsilon_t)) # sigma(t) over the trained range of t.
         self.sigma_max = float(self.sigma(1))
-        self.model = globals()[model_type](img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels, label_dim=label_dim, **model_kwargs)
 
     def coefficients(self, sigma):
         return 1, -sigma, 1 / (sigma ** 2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
@@ -673,13 +680,8 @@ class VEPrecond(torch.nn.Module):
         **model_kwargs,                 # Constructor arguments of F.
     ):
         super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
-        self.sigma_min = sigma_min
-        self.sigma_max = sigma_max
-        self.model = globals()[model_type](img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels, label_dim=label_dim, **model_kwargs)
+        _setup(self, model_type, img_channels, model_kwargs,
+            img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, use_fp16=use_fp16, sigma_min=sigma_min, sigma_max=sigma_max)
 
     def coefficients(self, sigma):
         return 1, sigma, 1, (0.5 * sigma).log()
@@ -710,14 +712,9 @@ class iDDPMPrecond(torch.nn.Module):
         **model_kwargs,                     # Constructor arguments of F.
     ):
         super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
-        self.C_1 = C_1
-        self.C_2 = C_2
-        self.M = M
-        self.model = globals()[model_type](img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels*2, label_dim=label_dim, **model_kwargs)
+        # F also predicts variances, hence twice the channels.
+        _setup(self, model_type, 2 * img_channels, model_kwargs,
+            img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, use_fp16=use_fp16, C_1=C_1, C_2=C_2, M=M)
 
         u = torch.zeros(M + 1)
         for j in reversed(range(1, M + 1)):
@@ -764,14 +761,9 @@ class EDMPrecond(torch.nn.Module):
         **model_kwargs,                     # Constructor arguments of F.
     ):
         super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
-        self.sigma_min = sigma_min
-        self.sigma_max = sigma_max
-        self.sigma_data = sigma_data
-        self.model = globals()[model_type](img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels, label_dim=label_dim, **model_kwargs)
+        _setup(self, model_type, img_channels, model_kwargs,
+            img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, use_fp16=use_fp16,
+            sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data)
 
     def coefficients(self, sigma):
         s2 = self.sigma_data ** 2
