@@ -211,7 +211,14 @@ class AttentionWeights(torch.autograd.Function):
         tangent_w = w * (tangent_logits - (w * tangent_logits).sum(dim=2, keepdim=True))
         return tangent_w.to(q.dtype)
 
+# PyTorch before 2.0 (EDM's own environment has 1.12) knows neither setup_context
+# nor torch.func; there the same values come from plain ops, so that our pickles
+# keep working in NVIDIA's code on old installations.
+_FUNCTION_HAS_SETUP_CONTEXT = hasattr(torch.autograd.Function, 'setup_context')
+
 def attention_weights(q, k):
+    if not _FUNCTION_HAS_SETUP_CONTEXT:
+        return _attention_logits(q, k).softmax(dim=2).to(q.dtype)
     return AttentionWeights.apply(q, k)
 
 #----------------------------------------------------------------------------
