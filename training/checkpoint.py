@@ -102,3 +102,85 @@ def save_snapshot(path, data):
         pickle.dump(data, f)
 
 #----------------------------------------------------------------------------
+# Re-export: write a snapshot again with this codebase's classes, hence with this
+# codebase's source embedded, and the same weights. The bundled network was
+# made this way (bundled/README.md):
+#
+#     python -m training.checkpoint --src=old.pkl --dest=new.pkl
+
+# Modules whose persistent classes a re-exported snapshot is rebuilt on, by class name.
+REEXPORT_MODULES = ['training.networks', 'training.loss', 'training.augment']
+
+def _current_class(name):
+    import importlib
+    for module_name in REEXPORT_MODULES:
+        cls = getattr(importlib.import_module(module_name), name, None)
+        if cls is not None and persistence.is_persistent(cls):
+            return cls
+    return None
+
+def _probe_outputs(net):
+    """Outputs of a denoiser on fixed inputs, to show that a rebuilt copy computes the same function."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn([2, net.img_channels, net.img_resolution, net.img_resolution], generator=g)
+    labels = torch.eye(net.label_dim)[[0, net.label_dim - 1]] if net.label_dim else None
+    with torch.no_grad():
+        return net(x * 3, torch.tensor([0.05, 5.0]), labels)
+
+def with_current_classes(obj):
+    """`obj` rebuilt on the class of its name in REEXPORT_MODULES; CheckpointError if that changes it.
+
+    Networks must come out with the same state_dict and bit-identical outputs on probe inputs;
+    other objects (loss, augmentation pipe) with the same attributes. Non-persistent values are
+    returned as they are.
+    """
+    if not persistence.is_persistent(obj):
+        return obj
+    name = type(obj).__name__
+    cls = _current_class(name)
+    if cls is None:
+        raise CheckpointError(f'No class "{name}" in {", ".join(REEXPORT_MODULES)} to re-export the pickled one on')
+    if isinstance(obj, torch.nn.Module):
+        with warnings.catch_warnings():
+            warnings.simplefilter('error') # to_native falls back with a warning: here that is a failure.
+            try:
+                rebuilt = to_native(obj)
+            except Warning as e:
+                raise CheckpointError(f'Cannot re-export "{name}": {e}') from e
+        if type(rebuilt) is not cls or not torch.equal(_probe_outputs(rebuilt), _probe_outputs(obj)):
+            raise CheckpointError(f'Re-exported "{name}" does not compute the pickled function')
+        return rebuilt
+    with torch.random.fork_rng(devices=[]):
+        rebuilt = cls(*obj.init_args, **obj.init_kwargs)
+    if vars(rebuilt).keys() != vars(obj).keys() or any(repr(vars(rebuilt)[k]) != repr(vars(obj)[k]) for k in vars(obj)):
+        raise CheckpointError(f'Re-exported "{name}" has different attributes from the pickled one')
+    return rebuilt
+
+def reexport_snapshot(src, dest):
+    """Load the snapshot `src` and write it to `dest` (atomically; may be `src`) on current classes."""
+    data = load_snapshot(src, verbose=False)
+    save_snapshot(dest, {key: with_current_classes(value) for key, value in data.items()})
+
+def main():
+    import click
+
+    @click.command()
+    @click.option('--src',  help='Snapshot to read', metavar='PKL', type=str, required=True)
+    @click.option('--dest', help='Where to write it (may be --src)', metavar='PKL', type=str, required=True)
+    def reexport(src, dest):
+        """Write a network snapshot again with this codebase's classes and source, same weights.
+
+        Example: python -m training.checkpoint --src=bundled/edm-digits-16x16.pkl --dest=bundled/edm-digits-16x16.pkl
+        """
+        try:
+            reexport_snapshot(src, dest)
+        except CheckpointError as e:
+            raise click.ClickException(str(e))
+        print(f'Wrote {dest}')
+
+    reexport()
+
+if __name__ == '__main__':
+    main()
+
+#----------------------------------------------------------------------------
