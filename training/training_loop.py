@@ -70,6 +70,56 @@ def fingerprint_differences(saved, current):
     return [f'{key}: {saved.get(key)!r} in the state, {current.get(key)!r} now' for key in keys if saved.get(key) != current.get(key)]
 
 #----------------------------------------------------------------------------
+# The pieces of one optimizer step, in the order the loop applies them.
+
+def accumulate_gradients(ddp, loss_fn, next_batch, num_rounds, loss_weight, augment_pipe=None, device=None):
+    """Add the gradient of `loss_weight` times the summed loss of `num_rounds` batches to .grad.
+
+    `next_batch()` gives (uint8-valued images, labels) as the data loader yields them. Under DDP
+    the ranks average their gradients once, in the backward pass of the last round only. With
+    loss_weight = loss_scaling / images-per-rank, the step sees the mean per-image loss.
+    """
+    for index in range(num_rounds):
+        images, labels = next_batch()
+        model_images = images.to(device).to(torch.float32) / 127.5 - 1 # [0, 255] -> [-1, 1]
+        with misc.ddp_sync(ddp, sync=(index + 1 == num_rounds)):
+            per_pixel_loss = loss_fn(net=ddp, images=model_images, labels=labels.to(device), augment_pipe=augment_pipe)
+            training_stats.report('Loss/loss', per_pixel_loss)
+            per_pixel_loss.sum().mul(loss_weight).backward()
+
+def ramped_learning_rate(base_lr, cur_nimg, rampup_kimg):
+    """Linear warm-up: base_lr * min(images seen / ramp-up length, 1); no ramp-up when the length is 0."""
+    progress = cur_nimg / max(rampup_kimg * 1000, 1e-8)
+    return base_lr * min(progress, 1)
+
+def set_learning_rate(optimizer, lr):
+    for param_group in optimizer.param_groups:
+        param_group['lr'] = lr
+
+def replace_nonfinite_gradients(module):
+    """In place: NaN gradients become 0 and infinite ones +-1e5, so that one bad batch (float16
+    overflow, say) cannot turn the weights and, through them, the EMA into NaN."""
+    grads = [param.grad for param in module.parameters() if param.grad is not None]
+    for grad in grads:
+        torch.nan_to_num(grad, nan=0, posinf=1e5, neginf=-1e5, out=grad)
+
+def ema_decay(cur_nimg, batch_size, halflife_kimg, rampup_ratio=None):
+    """Per-step EMA factor beta, with which an image's weight halves after `halflife_kimg` thousand
+    images: beta = 0.5 ** (batch_size / halflife). EDM (Karras et al. 2022, Appendix F) ramps the
+    half-life up with training, halflife = min(halflife_kimg * 1000, rampup_ratio * cur_nimg), so
+    that the EMA does not hold on to the random initialization early on; rampup_ratio=None: fixed."""
+    halflife_nimg = halflife_kimg * 1000
+    if rampup_ratio is not None:
+        halflife_nimg = min(halflife_nimg, cur_nimg * rampup_ratio)
+    return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
+
+@torch.no_grad()
+def update_ema(ema, net, beta):
+    """ema <- beta * ema + (1 - beta) * net, parameter by parameter (buffers are not averaged)."""
+    for averaged, current in zip(ema.parameters(), net.parameters()):
+        averaged.copy_(current.detach().lerp(averaged, beta))
+
+#----------------------------------------------------------------------------
 
 def training_loop(
     run_dir             = '.',      # Output folder (rank 0 only; None on other ranks).
@@ -189,33 +239,13 @@ def training_loop(
     maintenance_time = tick_start_time - start_time
     stats_jsonl = None
     while True:
-        # Accumulate gradients.
         optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(num_accumulation_rounds):
-            with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
-                images, labels = next(dataset_iterator)
-                images = images.to(device).to(torch.float32) / 127.5 - 1
-                labels = labels.to(device)
-                loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
-                training_stats.report('Loss/loss', loss)
-                loss.sum().mul(loss_scaling / batch_gpu_total).backward()
-
-        # Update the weights.
-        for group in optimizer.param_groups:
-            group['lr'] = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
-        for param in net.parameters():
-            if param.grad is not None:
-                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+        accumulate_gradients(ddp, loss_fn, lambda: next(dataset_iterator), num_accumulation_rounds,
+            loss_weight=loss_scaling / batch_gpu_total, augment_pipe=augment_pipe, device=device)
+        set_learning_rate(optimizer, ramped_learning_rate(optimizer_kwargs['lr'], cur_nimg, lr_rampup_kimg))
+        replace_nonfinite_gradients(net)
         optimizer.step()
-
-        # Update the EMA.
-        ema_halflife_nimg = ema_halflife_kimg * 1000
-        if ema_rampup_ratio is not None:
-            ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
-        ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
-        with torch.no_grad():
-            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
+        update_ema(ema, net, ema_decay(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio))
 
         # Once per tick from here on.
         cur_nimg += batch_size
