@@ -206,22 +206,16 @@ class Dataset(torch.utils.data.Dataset):
         assert self.image_shape[1] == self.image_shape[2]
         return self.image_shape[1]
 
-    @property
-    def label_shape(self):
-        return list(self._label_shape)
+    # Labels: int64 class indices are handed out as one-hot vectors of max + 1 classes, float labels as
+    # stored; a dataset without labels has label_shape [0], so label_dim 0 means unconditional.
+    label_shape = property(lambda self: list(self._label_shape))
+    has_labels = property(lambda self: any(self._label_shape))
+    has_onehot_labels = property(lambda self: self._raw_labels.dtype == np.int64)
 
     @property
     def label_dim(self):
-        assert len(self.label_shape) == 1
-        return self.label_shape[0]
-
-    @property
-    def has_labels(self):
-        return any(x != 0 for x in self.label_shape)
-
-    @property
-    def has_onehot_labels(self):
-        return self._raw_labels.dtype == np.int64
+        (dim,) = self._label_shape # Networks take label vectors; a [N, A, B] label array has no label_dim.
+        return dim
 
 #----------------------------------------------------------------------------
 # Images found recursively in a folder or zip, in sorted order of their relative paths.
