@@ -119,6 +119,16 @@ def update_ema(ema, net, beta):
     for averaged, current in zip(ema.parameters(), net.parameters()):
         averaged.copy_(current.detach().lerp(averaged, beta))
 
+def report_progress(figures):
+    """Report each (label, name, value, format) to training_stats (so it reaches stats.jsonl) and
+    return the progress line 'label value ...'; format 'duration' prints seconds as 1h 02m 03s."""
+    parts = []
+    for label, name, value, value_format in figures:
+        training_stats.report0(name, value)
+        text = f'{dnnlib.util.format_time(value):<12s}' if value_format == 'duration' else format(value, value_format)
+        parts.append(f'{label} {text}')
+    return ' '.join(parts)
+
 #----------------------------------------------------------------------------
 
 def training_loop(
@@ -255,22 +265,23 @@ def training_loop(
 
         # Progress line; the same figures go to stats.jsonl.
         tick_end_time = time.time()
-        report0 = training_stats.report0
-        fields = []
-        fields += [f"tick {report0('Progress/tick', cur_tick):<5d}"]
-        fields += [f"kimg {report0('Progress/kimg', cur_nimg / 1e3):<9.1f}"]
-        fields += [f"time {dnnlib.util.format_time(report0('Timing/total_sec', tick_end_time - start_time)):<12s}"]
-        fields += [f"sec/tick {report0('Timing/sec_per_tick', tick_end_time - tick_start_time):<7.1f}"]
-        fields += [f"sec/kimg {report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3):<7.2f}"]
-        fields += [f"maintenance {report0('Timing/maintenance_sec', maintenance_time):<6.1f}"]
-        fields += [f"cpumem {report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}"]
+        tick_sec = tick_end_time - tick_start_time
+        figures = [ # (label, training_stats name, value, format of the value)
+            ('tick', 'Progress/tick', cur_tick, '<5d'),
+            ('kimg', 'Progress/kimg', cur_nimg / 1e3, '<9.1f'),
+            ('time', 'Timing/total_sec', tick_end_time - start_time, 'duration'),
+            ('sec/tick', 'Timing/sec_per_tick', tick_sec, '<7.1f'),
+            ('sec/kimg', 'Timing/sec_per_kimg', tick_sec / max(cur_nimg - tick_start_nimg, 1) * 1e3, '<7.2f'),
+            ('maintenance', 'Timing/maintenance_sec', maintenance_time, '<6.1f'),
+            ('cpumem', 'Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30, '<6.2f'),
+        ]
         if device.type == 'cuda':
-            fields += [f"gpumem {report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30):<6.2f}"]
-            fields += [f"reserved {report0('Resources/peak_gpu_mem_reserved_gb', torch.cuda.max_memory_reserved(device) / 2**30):<6.2f}"]
+            figures.append(('gpumem', 'Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30, '<6.2f'))
+            figures.append(('reserved', 'Resources/peak_gpu_mem_reserved_gb', torch.cuda.max_memory_reserved(device) / 2**30, '<6.2f'))
             torch.cuda.reset_peak_memory_stats()
+        progress_line = report_progress(figures)
         stats_collector.update()
-        fields += [f"loss {stats_collector['Loss/loss']:<8.4f}"]
-        dist.print0(' '.join(fields))
+        dist.print0(f"{progress_line} loss {stats_collector['Loss/loss']:<8.4f}")
 
         # Network snapshot, in NVIDIA EDM's format.
         if (snapshot_ticks is not None) and (done or cur_tick % snapshot_ticks == 0):
