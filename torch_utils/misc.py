@@ -62,24 +62,21 @@ def copy_params_and_buffers(src_module, dst_module, require_all=False):
 @contextlib.contextmanager
 def ddp_sync(module, sync):
     """Skip DDP's gradient all-reduce for all but the last accumulation round."""
-    if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
+    skip_all_reduce = isinstance(module, torch.nn.parallel.DistributedDataParallel) and not sync
+    with module.no_sync() if skip_all_reduce else contextlib.nullcontext():
         yield
-    else:
-        with module.no_sync():
-            yield
 
 def check_ddp_consistency(module, ignore_regex=None):
-    """Assert that every rank holds the same parameters and buffers (NaN counts as equal)."""
+    """Assert that every rank holds the same parameters and buffers as rank 0 (NaN counts as equal),
+    leaving out those whose 'ClassName.param.name' matches `ignore_regex`."""
     for name, tensor in named_params_and_buffers(module):
-        fullname = type(module).__name__ + '.' + name
-        if ignore_regex is not None and re.fullmatch(ignore_regex, fullname):
-            continue
-        tensor = tensor.detach()
-        if tensor.is_floating_point():
-            tensor = torch.nan_to_num(tensor)
-        other = tensor.clone()
-        torch.distributed.broadcast(tensor=other, src=0)
-        assert (tensor == other).all(), f'Parameter differs across ranks: {fullname}'
+        qualified_name = f'{type(module).__name__}.{name}'
+        if ignore_regex is None or not re.fullmatch(ignore_regex, qualified_name):
+            local = tensor.detach()
+            local = torch.nan_to_num(local) if local.is_floating_point() else local
+            from_rank0 = local.clone()
+            torch.distributed.broadcast(tensor=from_rank0, src=0)
+            assert torch.equal(local, from_rank0), f'Parameter differs across ranks: {qualified_name}'
 
 #----------------------------------------------------------------------------
 # Endless sampler over a dataset. The stream is a sequence of epochs, each a

@@ -134,15 +134,14 @@ class Dataset(torch.utils.data.Dataset):
             self._label_shape = list(self._raw_labels.shape[1:])
 
         # The subset is EDM's: shuffle all indices with the seed, keep the first max_size, sort.
-        self._raw_idx = np.arange(self._raw_shape[0], dtype=np.int64)
-        if max_size is not None and self._raw_idx.size > max_size:
-            np.random.RandomState(random_seed % (1 << 31)).shuffle(self._raw_idx)
-            self._raw_idx = np.sort(self._raw_idx[:max_size])
-
-        self._xflip = np.zeros(self._raw_idx.size, dtype=np.uint8)
-        if xflip:
-            self._raw_idx = np.tile(self._raw_idx, 2)
-            self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
+        kept = np.arange(self._raw_shape[0], dtype=np.int64)
+        if max_size is not None and kept.size > max_size:
+            np.random.RandomState(random_seed % (1 << 31)).shuffle(kept)
+            kept = np.sort(kept[:max_size])
+        # With xflip, the kept images appear twice: as they are, then mirrored.
+        copies = 2 if xflip else 1
+        self._raw_idx = np.tile(kept, copies)
+        self._xflip = np.repeat(np.arange(copies, dtype=np.uint8), kept.size)
 
     def _load_raw_image(self, raw_idx): # CHW uint8 array; overridden by subclasses.
         raise NotImplementedError

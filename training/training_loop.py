@@ -72,6 +72,15 @@ def fingerprint_differences(saved, current):
 #----------------------------------------------------------------------------
 # The pieces of one optimizer step, in the order the loop applies them.
 
+def accumulation_plan(batch_size, batch_gpu, num_ranks):
+    """(images per round, rounds) such that rounds of `batch_gpu` images on each of `num_ranks`
+    ranks make up `batch_size`; batch_gpu=None (or too large) means one round per step."""
+    per_rank = batch_size // num_ranks
+    per_round = per_rank if batch_gpu is None else min(batch_gpu, per_rank)
+    rounds = per_rank // per_round
+    assert per_round * rounds * num_ranks == batch_size, 'train.py checks that the batch divides evenly'
+    return per_round, rounds
+
 def accumulate_gradients(ddp, loss_fn, next_batch, num_rounds, loss_weight, augment_pipe=None, device=None):
     """Add the gradient of `loss_weight` times the summed loss of `num_rounds` batches to .grad.
 
@@ -169,12 +178,8 @@ def training_loop(
         # the resulting subnormal floats in the backward pass are slow: VP training ran 17x slower.
         torch.set_flush_denormal(True)
 
-    # Batch per rank and accumulation rounds.
     batch_gpu_total = batch_size // dist.get_world_size()
-    if batch_gpu is None or batch_gpu > batch_gpu_total:
-        batch_gpu = batch_gpu_total
-    num_accumulation_rounds = batch_gpu_total // batch_gpu
-    assert batch_size == batch_gpu * num_accumulation_rounds * dist.get_world_size()
+    batch_gpu, num_accumulation_rounds = accumulation_plan(batch_size, batch_gpu, dist.get_world_size())
 
     # Dataset and network.
     dist.print0('Loading dataset...')
@@ -257,10 +262,11 @@ def training_loop(
         optimizer.step()
         update_ema(ema, net, ema_decay(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio))
 
-        # Once per tick from here on.
+        # The rest runs once per tick (and always after the first step and the last).
         cur_nimg += batch_size
-        done = (cur_nimg >= total_kimg * 1000)
-        if (not done) and (cur_tick != 0) and (cur_nimg < tick_start_nimg + kimg_per_tick * 1000):
+        done = cur_nimg >= total_kimg * 1000
+        tick_is_over = cur_tick == 0 or cur_nimg >= tick_start_nimg + kimg_per_tick * 1000
+        if not (done or tick_is_over):
             continue
 
         # Progress line; the same figures go to stats.jsonl.
@@ -313,12 +319,11 @@ def training_loop(
             stats_jsonl.write(json.dumps(dict(stats_collector.as_dict(), timestamp=time.time())) + '\n')
             stats_jsonl.flush()
 
-        cur_tick += 1
-        tick_start_nimg = cur_nimg
-        tick_start_time = time.time()
-        maintenance_time = tick_start_time - tick_end_time
         if done:
             break
+        # The next tick starts now; what this one spent after training (logs, snapshots) is its maintenance.
+        tick_start_nimg, tick_start_time, cur_tick = cur_nimg, time.time(), cur_tick + 1
+        maintenance_time = tick_start_time - tick_end_time
 
     if stats_jsonl is not None:
         stats_jsonl.close()
