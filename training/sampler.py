@@ -246,18 +246,30 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
 # on the batch it was generated in or on the rank that generated it.
 
 class StackedRandomGenerator:
+    """torch.randn / randn_like / randint for a batch whose k-th sample draws only from a
+    torch.Generator of its own, seeded with seeds[k] modulo 2**32 (the seed range torch accepts)."""
+
     def __init__(self, device, seeds):
-        self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+        self.generators = []
+        for seed in seeds:
+            generator = torch.Generator(device)
+            generator.manual_seed(int(seed) % 2**32)
+            self.generators.append(generator)
+
+    def _per_sample(self, draw, size):
+        """torch.stack of draw(shape of one sample, its generator); size[0] must be the batch size."""
+        num_samples, *sample_shape = size
+        if num_samples != len(self.generators):
+            raise ValueError(f'a draw of size {list(size)} for a batch of {len(self.generators)} seeds')
+        return torch.stack([draw(sample_shape, generator) for generator in self.generators])
 
     def randn(self, size, **kwargs):
-        assert size[0] == len(self.generators)
-        return torch.stack([torch.randn(size[1:], generator=gen, **kwargs) for gen in self.generators])
+        return self._per_sample(lambda shape, generator: torch.randn(shape, generator=generator, **kwargs), size)
 
     def randn_like(self, input):
         return self.randn(input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
 
     def randint(self, *args, size, **kwargs):
-        assert size[0] == len(self.generators)
-        return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
+        return self._per_sample(lambda shape, generator: torch.randint(*args, size=shape, generator=generator, **kwargs), size)
 
 #----------------------------------------------------------------------------
