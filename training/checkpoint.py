@@ -52,7 +52,7 @@ def load_snapshot(path_or_url, verbose=True):
     except dnnlib.util.DownloadError as e:
         raise CheckpointError(str(e)) from e
     except Exception as e: # Corrupt bytes fail in many ways (bad opcodes, bad source, missing names).
-        raise CheckpointError(f'{path_or_url} is not a readable network pickle ({type(e).__name__}: {e}); is the file complete?') from e
+        raise CheckpointError(f'{path_or_url} is not a readable network pickle ({type(e).__name__}: {safety.first_line(e)}); is the file complete?') from e
     if not isinstance(data, dict):
         raise CheckpointError(f'{path_or_url} holds a {type(data).__name__}, not a snapshot dict with an "ema" network')
     return data
@@ -217,6 +217,10 @@ def load_weights_only(path_or_url, verbose=True, return_metadata=False):
 def convert_to_weights_only(src, dest):
     """Write the 'ema' network of snapshot `src` as a weights-only file `dest`, with its dataset_kwargs;
     CheckpointError unless the written file loads back to a network with bit-identical outputs."""
+    if is_weights_only_file(src):
+        net, metadata = load_weights_only(src, verbose=False, return_metadata=True)
+        save_weights_only(dest, net, metadata) # Written again by this code (e.g. to bring it to the current version).
+        return
     data = load_snapshot(src, verbose=False)
     if not isinstance(data.get('ema'), torch.nn.Module):
         raise CheckpointError(f'{src} has no "ema" network')
@@ -293,6 +297,8 @@ def with_current_classes(obj):
 
 def reexport_snapshot(src, dest):
     """Load the snapshot `src` and write it to `dest` (atomically; may be `src`) on current classes."""
+    if is_weights_only_file(src):
+        raise CheckpointError(f'{src} is a weights-only network file; re-export reads a snapshot pickle (convert one with --weights-only)')
     data = load_snapshot(src, verbose=False)
     save_snapshot(dest, {key: with_current_classes(value) for key, value in data.items()})
 
