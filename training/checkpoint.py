@@ -182,6 +182,35 @@ def _refused_global(error):
     match = re.search(r'GLOBAL ([\w.]+)', str(error))
     return f' (GLOBAL {match.group(1)})' if match else ''
 
+def _check_arguments_fit_state(cls, args, kwargs, state):
+    """Build on the meta device first, so that wrong (or huge) arguments fail at no memory cost.
+
+    VPPrecond's constructor reads tensor values, which meta tensors do not have; there the inner
+    model alone is built on meta and must not be much larger than the file's tensors.
+    """
+    def meta_state(build):
+        with torch.device('meta'), torch.random.fork_rng(devices=[]):
+            return {k: v.shape for k, v in build().state_dict().items()}
+    try:
+        shapes = meta_state(lambda: cls(*args, **kwargs))
+    except RuntimeError:
+        import inspect
+        signature = inspect.signature(cls.__bases__[0]) # The persistent subclass's own __init__ takes (*args, **kwargs).
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        settings = dict(bound.arguments)
+        model_kwargs = settings.pop(next(k for k, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD), {})
+        shapes = meta_state(lambda: getattr(networks, settings['model_type'])(img_resolution=settings['img_resolution'],
+            in_channels=settings['img_channels'], out_channels=settings['img_channels'], label_dim=settings['label_dim'], **model_kwargs))
+        numel = lambda shapes: sum(torch.Size(shape).numel() for shape in shapes)
+        if numel(shapes.values()) > 2 * numel(v.shape for v in state.values()) + (1 << 20):
+            raise ValueError('state_dict does not match the constructor arguments (they build a much larger network)')
+        return
+    if shapes != {k: v.shape for k, v in state.items()}:
+        missing, extra = sorted(set(shapes) - set(state))[:3], sorted(set(state) - set(shapes))[:3]
+        detail = f'missing {missing}, unexpected {extra}' if missing or extra else 'tensor shapes differ'
+        raise ValueError(f'state_dict does not match the constructor arguments ({detail})')
+
 def load_weights_only(path_or_url, verbose=True, return_metadata=False):
     """The network of a weights-only file on our classes (eval mode, no gradients), strictly matching
     its state_dict; with `return_metadata`, (net, metadata). CheckpointError on anything unusable."""
@@ -198,13 +227,7 @@ def load_weights_only(path_or_url, verbose=True, return_metadata=False):
         raise CheckpointError(f'{path_or_url} is not a readable torch.save file ({type(e).__name__}: {safety.first_line(e)}); is the file complete?') from e
     cls, args, kwargs, state = _check_weights_only_data(data, path_or_url)
     try:
-        # Build on the meta device first: wrong arguments (or huge ones) fail here at no memory cost.
-        with torch.device('meta'), torch.random.fork_rng(devices=[]):
-            shapes = {k: v.shape for k, v in cls(*args, **kwargs).state_dict().items()}
-        if shapes != {k: v.shape for k, v in state.items()}:
-            missing, extra = sorted(set(shapes) - set(state))[:3], sorted(set(state) - set(shapes))[:3]
-            detail = f'missing {missing}, unexpected {extra}' if missing or extra else 'tensor shapes differ'
-            raise ValueError(f'state_dict does not match the constructor arguments ({detail})')
+        _check_arguments_fit_state(cls, args, kwargs, state)
         with torch.random.fork_rng(devices=[]): # Constructors draw initial weights; keep the caller's RNG untouched.
             net = cls(*args, **kwargs)
         net.load_state_dict(state, strict=True)
