@@ -35,6 +35,7 @@ import train_detector
 import train_discriminator
 from conftest import make_tiny_net, run_cli, save_tiny_snapshot
 from tiny_models import TinyInception, TinySSCD, random_images, save_torchscript, write_image_folder
+from training import checkpoint
 from training import cli_checks
 from training import frechet
 from training import training_loop
@@ -234,8 +235,9 @@ NETWORK_OPTIONS = {
     'train --transfer': lambda e, t, f: train_args(e, t, '--transfer', f),
 }
 for option, build in NETWORK_OPTIONS.items():
-    for kind in ['zip file', 'npz file', 'npy array', 'torch.save file', 'TorchScript archive', 'empty file', 'PNG image', 'gzip file']:
-        row(f'{option}: {kind}', f'is {cli_checks.with_article(kind)}, expected a pickle', lambda e, t, b=build, k=kind: b(e, t, e['kinds'][k]))
+    for kind in ['zip file', 'npz file', 'npy array', 'TorchScript archive', 'empty file', 'PNG image', 'gzip file']:
+        row(f'{option}: {kind}', f'is {cli_checks.with_article(kind)}, expected a pickle or torch.save file', lambda e, t, b=build, k=kind: b(e, t, e['kinds'][k]))
+    row(f'{option}: torch.save file of other data', 'not a weights-only network of this codebase', lambda e, t, b=build: b(e, t, e['kinds']['torch.save file']))
     row(f'{option}: missing file', 'not found', lambda e, t, b=build: b(e, t, t / 'missing.pkl'))
     row(f'{option}: text file', 'not a readable network pickle', lambda e, t, b=build: b(e, t, e['text']))
 MODULE_OPTIONS = {
@@ -472,6 +474,15 @@ def test_a_crafted_training_state_runs_nothing(env, tmp_path):
     result = invoke(*train_args(env, tmp_path, '--resume', state))
     assert_one_line_error(result, 'holds other objects; refusing to load it')
     assert not marker.exists() and not out(tmp_path).exists()
+
+def test_a_crafted_weights_only_network_runs_nothing(env, tmp_path):
+    marker = tmp_path / 'marker'
+    torch.save({'format': checkpoint.WEIGHTS_ONLY_FORMAT, 'version': 1, 'class_name': 'EDMPrecond', 'init_kwargs': MakeMarker(str(marker))}, tmp_path / 'evil.pt')
+    for cli, args in [generate_args(env, tmp_path, '--network', tmp_path / 'evil.pt'), train_args(env, tmp_path, '--transfer', tmp_path / 'evil.pt')]:
+        result = invoke(cli, args)
+        assert_one_line_error(result, 'refusing to load it')
+        assert 'runs the Python code' not in result.stderr
+        assert not marker.exists() and not out(tmp_path).exists(), cli
 
 def test_pickles_that_run_code_are_named_once_on_stderr_and_the_bundled_ones_are_not(env, tmp_path):
     network = tmp_path / 'copy.pkl' # A path no earlier test loaded in this process.

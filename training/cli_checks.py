@@ -178,7 +178,7 @@ def expect_kind(path, option, expected):
 def with_article(noun):
     return ('an ' if noun[0].lower() in 'aeiou' or noun.startswith(('npz', 'npy')) else 'a ') + noun # "an npz", said en-pee-zed.
 
-NETWORK_KINDS = ('pickle',)
+NETWORK_KINDS = ('pickle', 'torch.save file') # EDM's network pickles; weights-only network files (training/checkpoint.py).
 STATE_DICT_KINDS = ('torch.save file', 'pickle') # torch.save of older versions is a plain pickle.
 TORCH_MODULE_KINDS = ('TorchScript archive', 'pickle')
 
