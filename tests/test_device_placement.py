@@ -185,3 +185,17 @@ def test_short_batches_are_padded_on_the_cpu_only():
     assert generation.min_eval_batch('cuda') == 1 and generation.min_eval_batch(META) == 1
 
 #----------------------------------------------------------------------------
+# The guidance trainers are single-process: under torchrun with several ranks they say so at once.
+
+@pytest.mark.parametrize('script, args', [('train_discriminator', ['--real=r', '--fake=f', '--pretrained_classifier_ckpt=c.pt']),
+    ('train_classifier', ['--data=d'])])
+def test_the_guidance_trainers_refuse_several_torchrun_ranks_in_one_line(tmp_path, script, args):
+    import importlib
+    from click.testing import CliRunner
+    module = importlib.import_module(script)
+    result = CliRunner().invoke(module.main, [*args, f'--outdir={tmp_path / "out"}'], env=dict(RANK='0', WORLD_SIZE='2', LOCAL_RANK='0'))
+    error_lines = [line for line in result.output.splitlines() if line.startswith('Error')]
+    assert result.exit_code != 0 and len(error_lines) == 1 and 'not torchrun with 2 processes' in error_lines[0], result.output
+    assert not (tmp_path / 'out').exists()
+
+#----------------------------------------------------------------------------

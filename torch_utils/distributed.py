@@ -35,6 +35,10 @@ def init(device=None):
 def _launched():
     return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
 
+def launched_world_size():
+    """How many processes torchrun started (1 when not launched), known before any process group exists."""
+    return int(os.environ['WORLD_SIZE']) if _launched() else 1
+
 def is_initialized():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
