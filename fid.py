@@ -43,16 +43,6 @@ def image_statistics(images, detector, batch, workers, device):
         click.echo(warning, err=True)
     return moments.stats()
 
-def rank0_first(fn):
-    """Run fn() on rank 0 first (downloads happen once), then on the other ranks."""
-    if dist.get_rank() != 0:
-        dist.barrier()
-    try:
-        return fn()
-    finally:
-        if dist.get_rank() == 0:
-            dist.barrier()
-
 #----------------------------------------------------------------------------
 
 @click.group()
@@ -121,13 +111,15 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector_path, workers
         images = open_images_or_fail(image_path, num_expected, seed)
         chosen = detector_path or frechet.recorded_detector(ref_detector, ref_path) or feature_detectors.INCEPTION_URL
         dist.print0(f'Using detector {chosen}' + (' (recorded in the reference statistics)' if detector_path is None and ref_detector else ''))
+        dist.download_first_on_rank0(chosen)
         detector = load_detector_or_fail(chosen, images.image_shape, device)
         if detector.feature_dim != ref_mu.shape[0]:
             raise click.ClickException(f'{ref_path} holds statistics of {ref_mu.shape[0]}-dimensional features, but detector '
                 f'{chosen} gives {detector.feature_dim}; use the detector that made the reference')
         return ref_mu, ref_sigma, images, detector
     dist.print0('Loading reference statistics, images and detector...')
-    ref_mu, ref_sigma, images, detector = rank0_first(load)
+    dist.download_first_on_rank0(ref_path) # Downloads once per machine; then every rank reads in parallel.
+    ref_mu, ref_sigma, images, detector = load()
 
     mu, sigma = image_statistics(images, detector, batch, workers, device)
     if dist.get_rank() == 0:
@@ -158,7 +150,8 @@ def ref(dataset_path, dest_path, batch, detector_path, workers, device):
         dist.print0(f'Using detector {detector_path or feature_detectors.INCEPTION_URL}')
         return images, load_detector_or_fail(detector_path or feature_detectors.INCEPTION_URL, images.image_shape, device)
     dist.print0(f'Loading images from "{dataset_path}" and the detector...')
-    images, detector = rank0_first(load)
+    dist.download_first_on_rank0(detector_path or feature_detectors.INCEPTION_URL)
+    images, detector = load()
 
     mu, sigma = image_statistics(images, detector, batch, workers, device)
     if dist.get_rank() == 0:

@@ -199,3 +199,37 @@ def test_the_guidance_trainers_refuse_several_torchrun_ranks_in_one_line(tmp_pat
     assert not (tmp_path / 'out').exists()
 
 #----------------------------------------------------------------------------
+# Downloads: once per machine, on local rank 0, while the other ranks wait.
+
+DOWNLOAD_SCRIPT = '''
+import json, sys, time
+sys.path.insert(0, {repo!r})
+import dnnlib
+from torch_utils import distributed as dist
+dist.init('cpu')
+opened = []
+def slow_open_url(url, **kwargs):
+    opened.append(url)
+    time.sleep(1.5)
+    return '/cache/file'
+dnnlib.util.open_url = slow_open_url
+start = time.time()
+dist.download_first_on_rank0('https://example.com/network.pkl', '/a/local/path.pkl', None)
+waited = time.time() - start
+dist.download_first_on_rank0('/only/local/paths.zip') # Nothing to fetch: no wait at all.
+json.dump(dict(opened=opened, waited=waited), open({out!r} + '/rank%d.json' % dist.get_rank(), 'w'))
+'''
+
+def test_downloads_happen_on_rank_0_while_the_others_wait(tmp_path):
+    import json
+    import sys
+    from conftest import REPO, run_cli
+    script = tmp_path / 'download.py'
+    script.write_text(DOWNLOAD_SCRIPT.format(repo=REPO, out=str(tmp_path)))
+    result = run_cli([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (json.load(open(tmp_path / f'rank{r}.json')) for r in range(2))
+    assert rank0['opened'] == ['https://example.com/network.pkl'] and rank1['opened'] == []
+    assert rank1['waited'] >= 1.4 # Rank 1 went on only after rank 0's download.
+
+#----------------------------------------------------------------------------
