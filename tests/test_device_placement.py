@@ -233,3 +233,14 @@ def test_downloads_happen_on_rank_0_while_the_others_wait(tmp_path):
     assert rank1['waited'] >= 1.4 # Rank 1 went on only after rank 0's download.
 
 #----------------------------------------------------------------------------
+# benchmarks/gpu_check.py on a machine without CUDA: one line, no work.
+
+def test_the_gpu_check_without_cuda_stops_with_one_line(tmp_path):
+    import sys
+    from conftest import REPO, run_cli
+    result = run_cli([sys.executable, 'benchmarks/gpu_check.py', f'--workdir={tmp_path / "work"}'], env=dict(CUDA_VISIBLE_DEVICES=''))
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and 'no CUDA GPU' in lines[0], result.stdout + result.stderr
+    assert not (tmp_path / 'work').exists()
+
+#----------------------------------------------------------------------------
