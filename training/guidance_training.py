@@ -79,7 +79,7 @@ class EpochMeans:
         return dict(loss=loss, accuracy=hits)
 
     def show(self, bar, batch_idx, last):
-        if (batch_idx + 1) % self.log_every == 0 or last:
+        if not bar.disable and ((batch_idx + 1) % self.log_every == 0 or last):
             means = self.read()
             bar.set_postfix(loss=f'{means["loss"]:.4f}', acc=f'{means["accuracy"]:.3f}')
 
