@@ -61,6 +61,7 @@ def main(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx, see
     python jacobian.py --outdir=out-jacobian/memorizing --optimal_denoiser --dataset=bundled/digits-16x16.zip
     """
     device = dist.init(device)
+    dist.download_first_on_rank0(network_pkl) # Once per machine; then every rank loads in parallel.
     try:
         net, source = generation.load_denoiser(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx)
     except (ValueError, checkpoint.CheckpointError, dataset_lib.DatasetError) as e:
