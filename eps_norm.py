@@ -85,6 +85,7 @@ def main(network_pkl, data, outdir, num, num_steps, solver, discretization, sche
     device = dist.init(device)
     network_pkl = network_pkl or bundled.NETWORK
     data = data or bundled.DATA
+    dist.download_first_on_rank0(network_pkl) # Once per machine; then every rank loads in parallel.
     try:
         epsilon_scaling.check_eps_scaler(eps_scaler, kappa, num_steps)
         net = checkpoint.load_network(network_pkl).to(device)

@@ -44,16 +44,6 @@ def image_statistics(images, detector, batch, workers, device):
         click.echo(warning, err=True)
     return moments.stats()
 
-def rank0_first(fn):
-    """Run fn() on rank 0 first (downloads happen once), then on the other ranks."""
-    if dist.get_rank() != 0:
-        dist.barrier()
-    try:
-        return fn()
-    finally:
-        if dist.get_rank() == 0:
-            dist.barrier()
-
 #----------------------------------------------------------------------------
 
 @click.group()
@@ -125,6 +115,7 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector_path, workers
         images = open_images_or_fail(image_path, num_expected, seed)
         chosen = detector_path or feature_detectors.default_detector(ref_detector)
         dist.print0(f'Using detector {chosen}' + (' (the bundled one, which the reference statistics record)' if chosen != detector_path and ref_detector else ''))
+        dist.download_first_on_rank0(chosen)
         detector = load_detector_or_fail(chosen, images.image_shape, device)
         try:
             frechet.check_detector(ref_detector, detector, ref_path)
@@ -135,7 +126,8 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector_path, workers
                 f'{chosen} gives {detector.feature_dim}; use the detector that made the reference')
         return ref_mu, ref_sigma, images, detector
     dist.print0('Loading reference statistics, images and detector...')
-    ref_mu, ref_sigma, images, detector = rank0_first(load)
+    dist.download_first_on_rank0(ref_path) # Downloads once per machine; then every rank reads in parallel.
+    ref_mu, ref_sigma, images, detector = load()
 
     mu, sigma = image_statistics(images, detector, batch, workers, device)
     if dist.get_rank() == 0:
@@ -169,7 +161,8 @@ def ref(dataset_path, dest_path, batch, detector_path, workers, device):
         dist.print0(f'Using detector {detector_path or feature_detectors.INCEPTION_URL}')
         return images, load_detector_or_fail(detector_path or feature_detectors.INCEPTION_URL, images.image_shape, device)
     dist.print0(f'Loading images from "{dataset_path}" and the detector...')
-    images, detector = rank0_first(load)
+    dist.download_first_on_rank0(detector_path or feature_detectors.INCEPTION_URL)
+    images, detector = load()
 
     mu, sigma = image_statistics(images, detector, batch, workers, device)
     if dist.get_rank() == 0:

@@ -174,9 +174,8 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
     device = dist.init(device)
     rank, world_size = dist.get_rank(), dist.get_world_size()
 
-    # Load the network; rank 0 first, so that a download happens once.
-    if rank != 0:
-        dist.barrier()
+    # Load the network: downloads once per machine, then every rank loads (and reads --dataset) in parallel.
+    dist.download_first_on_rank0(network_pkl)
     try:
         net, _source = generation.load_denoiser(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx)
         if optimal_denoiser and sampler_kwargs.get('solver') is None:
@@ -184,9 +183,6 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
         guidance = load_guidance(net, discriminator_ckpt, pretrained_classifier_ckpt, cond, time_min, time_max) if discriminator_ckpt else None
     except (ValueError, checkpoint.CheckpointError, dataset.DatasetError, dg_lib.GuidanceCheckpointError) as e:
         raise click.ClickException(str(e))
-    finally:
-        if rank == 0:
-            dist.barrier()
     net = net.to(device)
     if guidance is not None:
         guidance.to(device)

@@ -67,6 +67,7 @@ def main(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx, see
     cli_checks.expect_kind(network_pkl, '--network', cli_checks.NETWORK_KINDS)
     cli_checks.expect_kind(molrg_path, '--molrg', cli_checks.STATE_DICT_KINDS)
     device = dist.init(device)
+    dist.download_first_on_rank0(network_pkl) # Once per machine; then every rank loads in parallel.
     try:
         net, source = generation.load_denoiser(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx)
     except (ValueError, checkpoint.CheckpointError, dataset_lib.DatasetError) as e:

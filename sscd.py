@@ -58,16 +58,12 @@ def feature(image_path, features_path, model_path, batch, workers, device):
     cli_checks.device_available(device)
     cli_checks.expect_kind(model_path, '--model', cli_checks.TORCH_MODULE_KINDS)
     device = dist.init(device)
-    if dist.get_rank() != 0:
-        dist.barrier()
+    dist.download_first_on_rank0(model_path)
     try:
         images = image_sources.open_images(image_path)
         model = copy_detection.load_sscd_model(model_path, device=device, verbose=(dist.get_rank() == 0))
     except (dataset.DatasetError, feature_detectors.DetectorError) as e:
         raise click.ClickException(str(e))
-    finally:
-        if dist.get_rank() == 0:
-            dist.barrier()
 
     dist.print0(f'Calculating SSCD features of {len(images)} images...')
     try:

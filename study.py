@@ -76,6 +76,7 @@ def main(outdir, network_pkl, data, ref_path, detector_path, num_images, num_cal
     network_pkl = network_pkl or bundled.NETWORK
     data = data or bundled.DATA
     ref_path = ref_path or bundled.REF
+    dist.download_first_on_rank0(network_pkl, ref_path, detector_path) # Once per machine; then every rank loads in parallel.
     try:
         net = checkpoint.load_network(network_pkl).to(device).eval()
         images, labels = load_training_images(data, net, max(num_images, num_calibration))

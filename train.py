@@ -261,6 +261,7 @@ def build_config(opts, device):
     if opts.transfer is not None:
         if opts.resume is not None:
             raise click.ClickException('--transfer and --resume cannot be specified at the same time')
+        dist.download_first_on_rank0(opts.transfer) # Once per machine; the other ranks read the cache.
         checkpoint.load_network(opts.transfer, native=False, verbose=(dist.get_rank() == 0)) # Fail now, not after setup.
         c.resume_pkl = opts.transfer
         c.ema_rampup_ratio = None

@@ -10,6 +10,7 @@ import click
 import torch
 
 from training import cli_checks
+from torch_utils import distributed as dist
 from training import dataset as dataset_lib
 from training import guidance_training
 
@@ -42,6 +43,9 @@ def main(data, outdir, labels, epochs, batch, lr, width, depth, max_size, seed, 
     """
     cli_checks.output_folder(outdir)
     cli_checks.device_available(device)
+    if dist.launched_world_size() > 1: # Each rank would train its own copy on the same device and overwrite the same files.
+        raise click.ClickException(f'train_classifier.py trains in one process on one device; start it with python, not torchrun with '
+            f'{dist.launched_world_size()} processes')
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     try:
         if labels is None:

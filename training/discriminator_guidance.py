@@ -67,10 +67,14 @@ def vp_importance_antiderivative(t):
     return torch.log(torch.expm1(vp_integral_beta(t)))
 
 def sample_importance_time(num, t_min=1e-5, generator=None, device=None):
-    """num float32 VP times drawn with density proportional to beta(t) / std(t)^2 on [t_min, 1]."""
+    """num float32 VP times drawn with density proportional to beta(t) / std(t)^2 on [t_min, 1].
+
+    Drawn on `device` (default: the generator's), which is where the generator has to live.
+    """
+    device = torch.device(device) if device is not None else (generator.device if generator is not None else torch.device('cpu'))
     t_min = torch.tensor(t_min, dtype=torch.float64)
     a_min, a_max = vp_importance_antiderivative(t_min), vp_importance_antiderivative(torch.tensor(1.0, dtype=torch.float64))
-    u = torch.rand(num, generator=generator, dtype=torch.float64, device=generator.device if generator is not None else None)
+    u = torch.rand(num, generator=generator, dtype=torch.float64, device=device)
     integral = torch.log1p(torch.exp(a_min + u * (a_max - a_min))) # I(t)
     b = VP_BETA_MAX - VP_BETA_MIN
     t = (torch.sqrt(VP_BETA_MIN ** 2 + 2 * b * integral) - VP_BETA_MIN) / b
@@ -85,7 +89,10 @@ def importance_density(t, t_min=1e-5):
     return beta / std ** 2 / z
 
 def diffuse(images, t, generator=None):
-    """VP-perturbed images: mean(t) x + std(t) z for images in [-1, 1] and times t [N]."""
+    """VP-perturbed images: mean(t) x + std(t) z for images in [-1, 1] and times t [N].
+
+    z is drawn on the images' device, so `generator` must live there too (CUDA refuses a CPU one).
+    """
     mean, std = vp_marginal(t.to(images.dtype))
     z = torch.randn(images.shape, generator=generator, dtype=images.dtype, device=images.device)
     return mean[:, None, None, None] * images + std[:, None, None, None] * z

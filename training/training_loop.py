@@ -221,11 +221,8 @@ def training_loop(
     rng_states = None
     if resume_pkl is not None:
         dist.print0(f'Loading network weights from "{resume_pkl}"...')
-        if dist.get_rank() != 0:
-            dist.barrier()
+        dist.download_first_on_rank0(resume_pkl)
         source = checkpoint.load_network(resume_pkl, native=False, verbose=(dist.get_rank() == 0))
-        if dist.get_rank() == 0:
-            dist.barrier()
         misc.copy_params_and_buffers(src_module=source, dst_module=net, require_all=False)
         misc.copy_params_and_buffers(src_module=source, dst_module=ema, require_all=False)
         del source
