@@ -6,7 +6,10 @@ denoiser `denoise(x, sigma, step) -> D(x; sigma)` (float64), so that
 
 - epsilon scaling, discriminator guidance and the optimal denoiser are denoisers that wrap or
   replace the network one (training/epsilon_scaling.py, training/discriminator_guidance.py,
-  training/optimal_denoiser.py);
+  training/optimal_denoiser.py); what a denoiser is (its first- and second-order evaluations and
+  optional per-sample churn) is written down in training/denoisers.py, and
+  training.generation.compose puts the corrections together;
+- which time steps, ODE and solver a set of flags means is decided once, by plan_from_settings;
 - the ODE (sigma(t), s(t)) and the time steps are plain values you can print and test;
 - time shift decides, per sample, where a step starts or lands (training/time_shift.py).
 
