@@ -204,13 +204,8 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
     except ValueError as e:
         raise click.ClickException(str(e))
 
-    def make_denoiser(net, class_labels):
-        denoise = sampler_lib.network_denoiser(net, class_labels)
-        denoise = epsilon_scaling.with_epsilon_scaling(denoise, eps_scaler, kappa)
-        if guidance is None: # Guidance goes around epsilon scaling: its term is not scaled (SEDM-G++).
-            return denoise
-        return dg_lib.with_discriminator_guidance(denoise, guidance, class_labels if cond else None, dg_weight_1st_order,
-            dg_weight_2nd_order, boosting=dg_lib.Boosting() if boosting else None)
+    corrections = generation.Corrections(eps_scaler=eps_scaler, kappa=kappa, guidance=guidance, guidance_cond=bool(cond),
+        dg_weight_1st_order=dg_weight_1st_order, dg_weight_2nd_order=dg_weight_2nd_order, boosting=bool(boosting))
 
     # Seeds still to do.
     todo = seeds
@@ -229,7 +224,7 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
     # Generate and save.
     dist.print0(f'Generating {len(todo)} images to "{outdir}"...')
     batches = generation.generate_images(net, todo, max_batch_size=max_batch_size, class_idx=class_idx, device=device,
-        sampler_kwargs=sampler_kwargs, make_denoiser=make_denoiser, rank=rank, world_size=world_size)
+        sampler_kwargs=sampler_kwargs, corrections=corrections, rank=rank, world_size=world_size)
     num_batches = len(generation.rank_batches(todo, max_batch_size, rank, world_size))
     for batch in tqdm.tqdm(batches, total=num_batches, unit='batch', disable=(rank != 0)):
         if npz:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from training import adm_encoder
+from training import denoisers
 
 #----------------------------------------------------------------------------
 # The VP-SDE the classifier and discriminator were trained on.
@@ -193,25 +194,28 @@ class Boosting:
 def with_discriminator_guidance(denoise, guidance, class_labels=None, weight_1st_order=1.0, weight_2nd_order=0.0, boosting=None):
     """Wrap a denoiser (x, sigma, step) -> D so that its Euler evaluations return D - w c (see above).
 
-    The result carries `second_order`, the denoiser for the sampler's 2nd-order correction: the
-    unguided one unless weight_2nd_order != 0. weight_1st_order = 0 returns `denoise` itself.
+    A training.denoisers.Denoiser: its second order is the 2nd-order evaluation of `denoise`,
+    unguided unless weight_2nd_order != 0, and with `boosting` its churn is the boosting's per-sample
+    churn. weight_1st_order = weight_2nd_order = 0 returns `denoise` itself.
     """
     if weight_1st_order == 0 and weight_2nd_order == 0:
         return denoise
-    def guided(weight, use_boosting):
+    inner = denoisers.as_denoiser(denoise)
+    if boosting is not None and inner.churn is not None:
+        raise ValueError('boosting adds per-sample churn to a denoiser that already has its own')
+    def guided(evaluate, weight, use_boosting):
         def denoise_guided(x, sigma, step):
-            denoised = denoise(x, sigma, step)
+            denoised = evaluate(x, sigma, step)
             c, log_r = guidance.correction(x, sigma, class_labels)
             w = torch.full([x.shape[0]], float(weight), dtype=torch.float64, device=x.device)
             if use_boosting and boosting is not None:
                 w = w * boosting.weight_factor(step, log_r).to(x.device)
             return denoised - w.to(x.dtype)[:, None, None, None] * c
         return denoise_guided
-    first = guided(weight_1st_order, True) if weight_1st_order != 0 else (lambda x, sigma, step: denoise(x, sigma, step))
-    first.second_order = guided(weight_2nd_order, False) if weight_2nd_order != 0 else denoise
-    if boosting is not None:
-        first.churn = boosting.churn
-    return first
+    first = guided(inner.first_order, weight_1st_order, True) if weight_1st_order != 0 else (lambda x, sigma, step: inner.first_order(x, sigma, step))
+    second = guided(inner.second_order, weight_2nd_order, False) if weight_2nd_order != 0 else inner.second_order
+    layer = f'discriminator_guidance(weight_1st_order={weight_1st_order!r}, weight_2nd_order={weight_2nd_order!r}, boosting={boosting is not None})'
+    return denoisers.Denoiser(first, second, boosting.churn if boosting is not None else inner.churn, inner.layers + (layer,))
 
 #----------------------------------------------------------------------------
 # Checkpoints: plain state dicts in guided-diffusion's layout (`32x32_classifier.pt`,
