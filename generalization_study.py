@@ -4,6 +4,8 @@ bundled digits, scored against their training images and the optimal denoiser of
 See training/generalization_study.py for what is measured and docs/generalization.md for the method.
 """
 
+import signal
+import sys
 import time
 
 import click
@@ -28,7 +30,7 @@ class IntList(click.ParamType):
         return values
 
 # name: (default, --quick value)
-SIZES = dict(sizes=([16, 64, 256, 1024], [8, 32]), widths=([8, 16], [4, 8]), kimg=(30.0, 0.4), batch=(32, 16), seeds=(256, 32), steps=(18, 8))
+SIZES = dict(sizes=([16, 64, 256, 1024], [8, 32]), widths=([8, 16], [4, 8]), kimg=(40.0, 0.4), batch=(32, 16), seeds=(256, 32), steps=(18, 8))
 
 @click.command(context_settings=dict(show_default=True, max_content_width=120))
 @click.option('--outdir',      help='Where to write the results (and the models, samples and subsets)', metavar='DIR', type=str, required=True)
@@ -68,6 +70,7 @@ def main(outdir, data, quick, jobs, device, lr, split_seed, train_seed, **sizes)
     python generalization_study.py --outdir=out/gen-long --kimg=200 --widths=8,16,32
     """
     start = time.time()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1)) # Unwinds through the study, which then stops its trainings.
     values = {name: (given if given is not None else SIZES[key][1 if quick else 0])
         for name, given, key in [(n, sizes[n], {'num_seeds': 'seeds', 'num_steps': 'steps'}.get(n, n)) for n in sizes]}
     if device == 'cuda' and not torch.cuda.is_available():

@@ -193,7 +193,7 @@ class Training:
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'))
         self.resumed = any(arg.startswith('--resume=') for arg in cmd)
         self.start = time.time()
-        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=os.path.dirname(TRAIN_SCRIPT))
+        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def poll(self):
         """None while running; otherwise the exit status (and the log is closed)."""
@@ -233,12 +233,17 @@ def finished_model(run_dir):
 
 #----------------------------------------------------------------------------
 
+def recorded_path(path):
+    """A path inside this repository relative to it (so study.json stays valid in another checkout), others absolute."""
+    path, repo = os.path.abspath(path), os.path.dirname(TRAIN_SCRIPT)
+    return os.path.relpath(path, repo) if os.path.commonpath([path, repo]) == repo else path
+
 class Study:
     def __init__(self, data, outdir, sizes, widths, kimg, batch, lr, num_seeds, num_steps, split_seed=0, train_seed=0,
         jobs=2, device=torch.device('cpu'), sample_batch=64):
-        self.outdir = outdir
+        self.outdir = os.path.abspath(outdir) # train.py runs in the repository folder.
         self.jobs, self.device, self.sample_batch = jobs, torch.device(device), sample_batch
-        self.config = dict(data=os.path.abspath(data), sizes=sorted(set(sizes)), widths=sorted(set(widths)), kimg=kimg, batch=batch, lr=lr,
+        self.config = dict(data=recorded_path(data), sizes=sorted(set(sizes)), widths=sorted(set(widths)), kimg=kimg, batch=batch, lr=lr,
             num_seeds=num_seeds, num_steps=num_steps, split_seed=split_seed, train_seed=train_seed, arch='ddpmpp', cres=[1, 2, 2],
             descriptor='mean-centred pixel cosine similarity')
         self.path = os.path.join(outdir, 'study.json')
