@@ -46,8 +46,10 @@ SIZES = dict(sizes=([16, 64, 256, 1024], [8, 32]), widths=([8, 16], [4, 8]), kim
 @click.option('--split_seed',  help='Seed of the permutation that makes the nested subsets', metavar='INT', type=click.IntRange(min=0), default=0)
 @click.option('--train_seed',  help='Seed of every training run', metavar='INT', type=click.IntRange(min=0), default=0)
 @click.option('--jobs',        help='Trainings at once (each with OMP_NUM_THREADS=1 unless set)', metavar='INT', type=click.IntRange(min=1), default=2)
+@click.option('--sscd',        'sscd_model', help='Judge copies by this SSCD model (sscd.py) instead of pixels', metavar='PATH|URL', type=str)
+@click.option('--cres',        help='Channels per resolution of the networks (train.py --cres)', metavar='LIST', type=IntList(), default='1,2,2')
 @click.option('--device',      help='Device  [default: cpu]', metavar='cuda|cpu', type=click.Choice(['cuda', 'cpu']), default='cpu', show_default=False)
-def main(outdir, data, quick, jobs, device, lr, split_seed, train_seed, **sizes):
+def main(outdir, data, quick, jobs, device, lr, split_seed, train_seed, sscd_model, cres, **sizes):
     """Train small EDM models on nested subsets of a data set and measure memorization (M score),
     agreement with the optimal denoiser (RP score), reproducibility across widths and Jacobian ranks.
 
@@ -77,7 +79,8 @@ def main(outdir, data, quick, jobs, device, lr, split_seed, train_seed, **sizes)
         raise click.ClickException('--device=cuda, but no CUDA device is available')
     try:
         study = generalization_study.Study(data or bundled.DATA, outdir, values['sizes'], values['widths'], values['kimg'], values['batch'], lr,
-            values['num_seeds'], values['num_steps'], split_seed=split_seed, train_seed=train_seed, jobs=jobs, device=device)
+            values['num_seeds'], values['num_steps'], split_seed=split_seed, train_seed=train_seed, jobs=jobs, device=device,
+            sscd_model=sscd_model, cres=cres)
         study.run()
     except generalization_study.StudyError as e:
         raise click.ClickException(str(e))

@@ -125,6 +125,7 @@ def test_pixel_descriptor_flags_noisy_copies_of_training_digits_above_every_held
     (['--sizes=0,8'], 'positive integer'),
     (['--widths=a'], 'not a comma-separated list'),
     (['--data=does-not-exist.zip'], 'does-not-exist.zip'),
+    (['--sscd=missing-sscd.pt'], 'missing-sscd.pt'),
 ])
 def test_bad_input_gets_one_line_and_trains_nothing(tmp_path, args, message):
     result = run(tmp_path / 'out', '--quick', *args)

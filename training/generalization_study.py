@@ -47,6 +47,7 @@ import dnnlib
 from training import checkpoint
 from training import copy_detection
 from training import dataset as dataset_lib
+from training import feature_detectors
 from training import generation
 from training import jacobian_rank
 from training import optimal_denoiser as optimal_denoiser_lib
@@ -134,14 +135,22 @@ def descriptor_check(describe, training_images, held_out_images, std=NOISY_COPY_
 #----------------------------------------------------------------------------
 # Scores.
 
-def memorization_scores(samples, training_images, threshold):
+def memorization_scores(samples, training_images, threshold, describe=pixel_descriptors):
     """M score of samples (uint8 NCHW) against their training images (1 - fraction of copies)."""
-    m_score = copy_detection.memorization_score(pixel_descriptors(samples), pixel_descriptors(training_images), threshold)
+    m_score = copy_detection.memorization_score(describe(samples), describe(training_images), threshold)
     return dict(m_score=m_score, copy_fraction=1 - m_score)
 
-def rp_score(samples_a, samples_b, threshold):
+def rp_score(samples_a, samples_b, threshold, describe=pixel_descriptors):
     """RP score of two sample sets of the same seeds, in order."""
-    return copy_detection.reproducibility_score(pixel_descriptors(samples_a), pixel_descriptors(samples_b), threshold)
+    return copy_detection.reproducibility_score(describe(samples_a), describe(samples_b), threshold)
+
+def sscd_descriptors(model_path, device=torch.device('cpu'), batch_size=64):
+    """uint8 images -> SSCD descriptors (float64) of the model at model_path, for real data on a GPU."""
+    model = copy_detection.load_sscd_model(model_path, device=device, verbose=False)
+    def describe(images):
+        images = torch.as_tensor(np.asarray(images))
+        return torch.cat([model(copy_detection.sscd_input(images[i:i + batch_size].to(device))).cpu() for i in range(0, len(images), batch_size)]).to(torch.float64)
+    return describe
 
 def generate_samples(denoiser, seeds, num_steps, batch_size=64, device=torch.device('cpu')):
     """uint8 [N, C, H, W] samples of the EDM sampler (Heun) for `seeds`, as generate.py makes them."""
@@ -174,7 +183,7 @@ def train_command(data, run_dir, width, config, device):
     kimg = config['kimg']
     tick = kimg / 10 # Ten progress lines; a training state every two, so a kill loses at most a fifth.
     cmd = [sys.executable, TRAIN_SCRIPT, f'--outdir={run_dir}', '--nosubdir', f'--data={data}', '--cond=0', '--arch=ddpmpp',
-        f'--cbase={width}', '--cres=1,2,2', '--dropout=0', '--augment=0', f'--batch={config["batch"]}', f'--lr={config["lr"]}',
+        f'--cbase={width}', f'--cres={",".join(map(str, config["cres"]))}', '--dropout=0', '--augment=0', f'--batch={config["batch"]}', f'--lr={config["lr"]}',
         f'--lr_rampup={kimg / 20:g}', f'--duration={kimg / 1000:g}', f'--tick={tick:g}', '--snap=2', '--dump=2',
         f'--seed={config["train_seed"]}', '--workers=0', f'--device={device}']
     state = latest_training_state(run_dir)
@@ -240,12 +249,12 @@ def recorded_path(path):
 
 class Study:
     def __init__(self, data, outdir, sizes, widths, kimg, batch, lr, num_seeds, num_steps, split_seed=0, train_seed=0,
-        jobs=2, device=torch.device('cpu'), sample_batch=64):
+        jobs=2, device=torch.device('cpu'), sample_batch=64, sscd_model=None, cres=(1, 2, 2)):
         self.outdir = os.path.abspath(outdir) # train.py runs in the repository folder.
         self.jobs, self.device, self.sample_batch = jobs, torch.device(device), sample_batch
         self.config = dict(data=recorded_path(data), sizes=sorted(set(sizes)), widths=sorted(set(widths)), kimg=kimg, batch=batch, lr=lr,
-            num_seeds=num_seeds, num_steps=num_steps, split_seed=split_seed, train_seed=train_seed, arch='ddpmpp', cres=[1, 2, 2],
-            descriptor='mean-centred pixel cosine similarity')
+            num_seeds=num_seeds, num_steps=num_steps, split_seed=split_seed, train_seed=train_seed, arch='ddpmpp', cres=list(cres),
+            descriptor=('mean-centred pixel cosine similarity' if sscd_model is None else f'SSCD {sscd_model}'))
         self.path = os.path.join(outdir, 'study.json')
         self.results = self._load_previous()
         try:
@@ -254,6 +263,10 @@ class Study:
             raise StudyError(str(e)) from e
         self.subsets, self.held_out = nested_split(len(self.images), self.config['sizes'], split_seed)
         self.seeds = list(range(num_seeds))
+        try:
+            self.describe = pixel_descriptors if sscd_model is None else sscd_descriptors(sscd_model, self.device)
+        except feature_detectors.DetectorError as e:
+            raise StudyError(str(e)) from e
 
     def _load_previous(self):
         if not os.path.isfile(self.path):
@@ -305,12 +318,12 @@ class Study:
             if key in self.results['subsets']:
                 continue
             training = self.images[self.subsets[size]]
-            threshold = calibrate_threshold(pixel_descriptors(training), pixel_descriptors(held_out))
+            threshold = calibrate_threshold(self.describe(training), self.describe(held_out))
             denoiser = optimal_denoiser_lib.OptimalDenoiser(torch.as_tensor(training)).to(self.device)
             samples = generate_samples(denoiser, self.seeds, self.config['num_steps'], self.sample_batch, self.device)
             self._save_samples(f'optimal-n{size:05d}', samples)
             self.results['subsets'][key] = dict(size=size, held_out=len(self.held_out), threshold=threshold,
-                optimal=memorization_scores(samples, training, threshold))
+                optimal=memorization_scores(samples, training, threshold, self.describe))
             self._save()
         if not self.results['descriptors']:
             self.results['descriptors'] = self.compare_descriptors()
@@ -319,9 +332,10 @@ class Study:
     def compare_descriptors(self):
         """Pixel descriptor vs the bundled digit detector's features, on the largest subset (bundled data only)."""
         from training import bundled
-        from training import feature_detectors
         training, held_out = self.images[self.subsets[max(self.config['sizes'])]], self.images[self.held_out]
         checks = dict(pixels=descriptor_check(pixel_descriptors, training, held_out))
+        if self.describe is not pixel_descriptors:
+            checks['sscd'] = descriptor_check(self.describe, training, held_out)
         if os.path.isfile(bundled.DETECTOR) and list(self.images.shape[1:]) == [1, 16, 16]:
             detector = feature_detectors.load_feature_detector(bundled.DETECTOR, [1, 16, 16], device=self.device, verbose=False)
             describe = lambda images: torch.cat([detector(torch.as_tensor(images[i:i + 256]).to(self.device)).cpu() for i in range(0, len(images), 256)]).to(torch.float64)
@@ -343,8 +357,8 @@ class Study:
         self._save_samples(name, samples)
         subset = self.results['subsets'][str(size)]
         entry = dict(size=size, width=width, snapshot=os.path.relpath(snapshot, self.outdir), train_seconds=marker['seconds'], resumed=marker['resumed'],
-            **memorization_scores(samples, self.images[self.subsets[size]], subset['threshold']),
-            rp_optimal=rp_score(samples, self._load_samples(f'optimal-n{size:05d}'), subset['threshold']))
+            **memorization_scores(samples, self.images[self.subsets[size]], subset['threshold'], self.describe),
+            rp_optimal=rp_score(samples, self._load_samples(f'optimal-n{size:05d}'), subset['threshold'], self.describe))
         self.results['models'][name] = entry
         self._save()
 
@@ -357,7 +371,7 @@ class Study:
                     continue
                 threshold = self.results['subsets'][str(size)]['threshold']
                 self.results['pairs'][key] = dict(size=size, widths=[a, b],
-                    rp=rp_score(self._load_samples(model_name(size, a)), self._load_samples(model_name(size, b)), threshold))
+                    rp=rp_score(self._load_samples(model_name(size, a)), self._load_samples(model_name(size, b)), threshold, self.describe))
                 self._save()
 
     def jacobian_targets(self):
