@@ -30,7 +30,7 @@ class IntList(click.ParamType):
         return values
 
 # name: (default, --quick value)
-SIZES = dict(sizes=([16, 64, 256, 1024], [8, 32]), widths=([8, 16], [4, 8]), kimg=(25.0, 0.4), batch=(32, 16), seeds=(256, 32), steps=(18, 8))
+SIZES = dict(sizes=([16, 64, 256, 1024], [8, 32]), widths=([8, 16], [4, 8]), kimg=(15.0, 0.4), batch=(32, 16), seeds=(256, 32), steps=(18, 8))
 
 @click.command(context_settings=dict(show_default=True, max_content_width=120))
 @click.option('--outdir',      help='Where to write the results (and the models, samples and subsets)', metavar='DIR', type=str, required=True)
