@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 import generalization_study
 from training import bundled
+from training import feature_detectors
 from training import generalization_study as study_lib
 from training import optimal_denoiser as optimal_denoiser_lib
 
@@ -52,7 +53,9 @@ def test_quick_study_trains_every_model_and_writes_the_complete_table(quick_stud
     assert sorted(results['jacobian']) == ['n00008-c8', 'n00032-c8', 'optimal-n00008', 'optimal-n00032']
     for entry in results['jacobian'].values():
         assert len(entry['steps']) == 4 and all(0 <= s['rank'] <= 256 for s in entry['steps'])
-    assert results['descriptors']['pixels']['noisy_copies_flagged'] == 1
+    for size in ('8', '32'): # Both descriptors checked on each subset; pixels flag every noisy copy of a training digit.
+        assert set(results['descriptors'][size]) == {'pixels', 'bundled_detector'}
+        assert results['descriptors'][size]['pixels']['noisy_copies_flagged'] == 1
     for name in ['summary.md', 'scores.png', 'jacobian.png']:
         assert (outdir / name).stat().st_size > 0
     with np.load(outdir / 'images' / 'n00008-c4.npz') as npz:
@@ -117,6 +120,14 @@ def test_pixel_descriptor_flags_noisy_copies_of_training_digits_above_every_held
     check = study_lib.descriptor_check(study_lib.pixel_descriptors, images[subsets[64]], images[held_out])
     assert check['noisy_copies_flagged'] == 1 and check['margin'] > 0
     assert 0.9 < check['threshold'] < 0.999
+
+def test_pixels_separate_noisy_copies_more_clearly_than_the_bundled_detector(digits):
+    images, subsets, held_out = digits
+    detector = feature_detectors.load_feature_detector(bundled.DETECTOR, [1, 16, 16], verbose=False)
+    describe = lambda x: detector(torch.as_tensor(x)).to(torch.float64)
+    pixels = study_lib.descriptor_check(study_lib.pixel_descriptors, images[subsets[64]], images[held_out])
+    features = study_lib.descriptor_check(describe, images[subsets[64]], images[held_out])
+    assert pixels['relative_margin'] > 5 * features['relative_margin'] # The detector sees one '3' much like another.
 
 #----------------------------------------------------------------------------
 

@@ -129,7 +129,9 @@ def descriptor_check(describe, training_images, held_out_images, std=NOISY_COPY_
     train = describe(training_images)
     threshold = calibrate_threshold(train, describe(held_out_images))
     copies = nearest_similarity(describe(noisy_copies(training_images, std)), train)
-    return dict(threshold=threshold, min_noisy_copy_similarity=float(copies.min()), margin=float(copies.min()) - threshold,
+    margin = float(copies.min()) - threshold
+    return dict(threshold=threshold, min_noisy_copy_similarity=float(copies.min()), margin=margin,
+        relative_margin=margin / max(1 - threshold, 1e-12), # Descriptors crowd similarities near 1 to different degrees.
         noisy_copies_flagged=float((copies > threshold).to(torch.float64).mean()), noise_std=std)
 
 #----------------------------------------------------------------------------
@@ -325,14 +327,14 @@ class Study:
             self.results['subsets'][key] = dict(size=size, held_out=len(self.held_out), threshold=threshold,
                 optimal=memorization_scores(samples, training, threshold, self.describe))
             self._save()
-        if not self.results['descriptors']:
-            self.results['descriptors'] = self.compare_descriptors()
+        if set(self.results['descriptors']) != {str(size) for size in self.config['sizes']}:
+            self.results['descriptors'] = {str(size): self.compare_descriptors(size) for size in self.config['sizes']}
             self._save()
 
-    def compare_descriptors(self):
-        """Pixel descriptor vs the bundled digit detector's features, on the largest subset (bundled data only)."""
+    def compare_descriptors(self, size):
+        """Pixel descriptor vs the bundled digit detector's features (for 1x16x16 data), on one subset."""
         from training import bundled
-        training, held_out = self.images[self.subsets[max(self.config['sizes'])]], self.images[self.held_out]
+        training, held_out = self.images[self.subsets[size]], self.images[self.held_out]
         checks = dict(pixels=descriptor_check(pixel_descriptors, training, held_out))
         if self.describe is not pixel_descriptors:
             checks['sscd'] = descriptor_check(self.describe, training, held_out)
@@ -487,11 +489,15 @@ def summary_markdown(results, rows):
         lines += ['', 'Optimal denoiser of each subset (it memorizes by construction): '
             + ', '.join(f'n={s["size"]}: M {s["optimal"]["m_score"]:.3f}' for s in results['subsets'].values())]
     if results['descriptors']:
-        lines += ['', 'Descriptor check on the largest subset: noisy copies (noise std '
-            f'{NOISY_COPY_STD} on 0-255) of training images against the calibrated threshold.', '',
-            '| descriptor | threshold | smallest noisy-copy similarity | margin | noisy copies flagged |', '|---|---:|---:|---:|---:|']
-        for name, d in results['descriptors'].items():
-            lines.append(f'| {name} | {d["threshold"]:.5f} | {d["min_noisy_copy_similarity"]:.5f} | {d["margin"]:+.5f} | {d["noisy_copies_flagged"]:.3f} |')
+        lines += ['', 'Descriptor check: noisy copies (noise std '
+            f'{NOISY_COPY_STD} on 0-255) of each subset\'s training images against its calibrated threshold. Relative margin = '
+            'margin / (1 - threshold), comparable between descriptors that crowd similarities near 1 to different degrees.', '',
+            '| images | descriptor | threshold | smallest noisy-copy similarity | margin | relative margin | noisy copies flagged |',
+            '|---:|---|---:|---:|---:|---:|---:|']
+        for size, checks in sorted(results['descriptors'].items(), key=lambda kv: int(kv[0])):
+            for name, d in checks.items():
+                lines.append(f'| {size} | {name} | {d["threshold"]:.5f} | {d["min_noisy_copy_similarity"]:.5f} | {d["margin"]:+.5f} | '
+                    f'{d["relative_margin"]:+.3f} | {d["noisy_copies_flagged"]:.3f} |')
     if results['jacobian']:
         lines += ['', 'Jacobian rank (99% energy) along the trajectory of seed 0, from high to low noise:', '']
         for key, j in results['jacobian'].items():
