@@ -409,6 +409,8 @@ class Study:
             for size, width in all_models:
                 if (size, width) not in measured and finished_model(self.run_dir(size, width)) is not None:
                     self.measure(size, width)
+                    self.measure_pairs()
+                    self.write_outputs() # A killed study leaves the table of the models it finished.
                     measured.add((size, width))
                     bar.update(1)
                     return True
@@ -528,7 +530,8 @@ def plot_scores(rows, path):
         ax.set_xlabel('training images')
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     _save_figure(fig, path)
 
 def plot_jacobian(jacobian, path):
