@@ -520,12 +520,19 @@ def plot_scores(rows, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=110)
     panels = [('m_score', 'M score (1 - copy fraction)'), ('rp_optimal', 'RP vs optimal denoiser'), ('rp_other_width', 'RP between widths')]
+    widths = sorted({r['width'] for r in rows})
     for ax, (key, title) in zip(axes, panels):
-        for width in sorted({r['width'] for r in rows}):
+        # RP between widths is one number per subset (for two widths); draw it once.
+        lines = [(w, f'cbase {w} vs {", ".join(map(str, widths[1:]))}' if len(widths) == 2 else f'cbase {w} vs the others')
+            for w in widths[:1]] if key == 'rp_other_width' else [(w, f'cbase {w}') for w in widths]
+        for width, label in lines:
             points = [(r['size'], r[key]) for r in rows if r['width'] == width and r[key] is not None]
             if points:
-                ax.plot(*zip(*points), marker='o', label=f'cbase {width}')
+                ax.plot(*zip(*points), marker='o', label=label)
         ax.set_xscale('log', base=2)
+        sizes = sorted({r['size'] for r in rows})
+        if sizes:
+            ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel('training images')
         ax.set_title(title, fontsize=10)
