@@ -418,11 +418,13 @@ class Study:
 
         running = []
         try:
-            while pending or running:
+            def launch():
                 while pending and len(running) < self.jobs:
                     size, width = pending.pop(0)
                     run_dir = self.run_dir(size, width)
                     running.append(Training(model_name(size, width), train_command(self.subset_path(size), run_dir, width, self.config, self.device.type), run_dir))
+            while pending or running:
+                launch()
                 for training in list(running):
                     rc = training.poll()
                     if rc is None:
@@ -432,6 +434,7 @@ class Study:
                         raise StudyError(training.failure())
                     training.finish()
                     bar.update(1)
+                launch() # Before measuring, which takes minutes on a loaded machine: keep `jobs` trainings busy.
                 if not measure_ready():
                     time.sleep(1)
         finally:
