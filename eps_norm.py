@@ -15,6 +15,7 @@ import numpy as np
 from torch_utils import distributed as dist
 from training import bundled
 from training import checkpoint
+from training import cli_checks
 from training import epsilon_scaling
 from training import exposure_bias_metrics as metrics
 from training.dataset import DatasetError, ImageFolderDataset
@@ -76,9 +77,15 @@ def main(network_pkl, data, outdir, num, num_steps, solver, discretization, sche
     python eps_norm.py --outdir=results/cifar --network=edm-cifar10-32x32-uncond-vp.pkl \\
         --data=datasets/cifar10-32x32.zip --steps=18 --calibrate
     """
+    cli_checks.output_folder(outdir)
+    cli_checks.device_available(device)
+    cli_checks.finite(eps_scaler, '--eps_scaler')
+    cli_checks.finite(kappa, '--kappa')
+    cli_checks.expect_kind(network_pkl, '--network', cli_checks.NETWORK_KINDS)
     device = dist.init(device)
     network_pkl = network_pkl or bundled.NETWORK
     data = data or bundled.DATA
+    dist.download_first_on_rank0(network_pkl) # Once per machine; then every rank loads in parallel.
     try:
         epsilon_scaling.check_eps_scaler(eps_scaler, kappa, num_steps)
         net = checkpoint.load_network(network_pkl).to(device)

@@ -8,6 +8,7 @@ import click
 
 import dnnlib
 from torch_utils import distributed as dist
+from training import cli_checks
 from training import dataset
 from training import feature_detectors
 from training import fid_uncertainty
@@ -45,15 +46,16 @@ def image_statistics(images, detector, batch, workers, device):
         click.echo(warning, err=True)
     return moments.stats()
 
-def rank0_first(fn):
-    """Run fn() on rank 0 first (downloads happen once), then on the other ranks."""
-    if dist.get_rank() != 0:
-        dist.barrier()
+def reference_detector(detector_path, ref_detector, ref_path, image_shape, device):
+    """(name, detector): the given detector or the default for this reference, checked against the one it records."""
+    chosen = detector_path or feature_detectors.default_detector(ref_detector)
+    dist.download_first_on_rank0(chosen)
+    detector = load_detector_or_fail(chosen, image_shape, device)
     try:
-        return fn()
-    finally:
-        if dist.get_rank() == 0:
-            dist.barrier()
+        frechet.check_detector(ref_detector, detector, ref_path)
+    except frechet.StatsError as e:
+        raise click.ClickException(str(e))
+    return chosen, detector
 
 def image_features(images, detector, batch, workers, device):
     """FeatureSet of every image (rows in dataset order, over all ranks) with seeds from the file names or npz records."""
@@ -78,8 +80,7 @@ def features_or_images(path, detector_path, ref_path, ref_detector, ref_dim, bat
         except fid_uncertainty.UncertaintyError as e:
             raise click.ClickException(str(e))
     images = open_images_or_fail(path)
-    chosen = detector_path or frechet.recorded_detector(ref_detector, ref_path) or feature_detectors.INCEPTION_URL
-    detector = rank0_first(lambda: load_detector_or_fail(chosen, images.image_shape, device))
+    chosen, detector = reference_detector(detector_path, ref_detector, ref_path, images.image_shape, device)
     if detector.feature_dim != ref_dim:
         raise click.ClickException(f'{ref_path} holds statistics of {ref_dim}-dimensional features, but detector {chosen} gives {detector.feature_dim}')
     return image_features(images, detector, batch, workers, device)
@@ -135,7 +136,7 @@ def interval_options(fn):
     return fn
 
 detector_option = click.option('--detector', 'detector_path', help='Feature detector: pickled module or TorchScript file', metavar='PATH|URL',
-    type=str, default=None, show_default='the one recorded in --ref, else EDM\'s Inception-v3')
+    type=str, default=None, show_default='EDM\'s Inception-v3, or the bundled detector for references made with it')
 batch_option = click.option('--batch', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 workers_option = click.option('--workers', help='Data loader processes per rank', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
 device_option = click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='cuda|cpu', type=click.Choice(['cuda', 'cpu']), default=None)
@@ -164,6 +165,9 @@ def calc(image_path, ref_path, num_expected, seed, ci, json_path, features_path,
     python fid.py calc --images=fid-tmp --ref=cifar10-32x32.npz --ci --json=fid.json --features=fid-tmp.npz
     python fid.py calc --images=fid-tmp.npz --ref=cifar10-32x32.npz --ci    # again from the saved features
     """
+    cli_checks.device_available(device)
+    cli_checks.readable_npz(ref_path, '--ref', required_keys=['mu', 'sigma'])
+    cli_checks.expect_kind(detector_path, '--detector', cli_checks.TORCH_MODULE_KINDS)
     if ci or json_path or features_path or fid_uncertainty.is_feature_file(image_path):
         return calc_from_features(image_path, ref_path, num_expected, seed, ci, json_path, features_path, blocks, resamples, method,
             batch, detector_path, workers, device)
@@ -175,15 +179,21 @@ def calc(image_path, ref_path, num_expected, seed, ci, json_path, features_path,
         except frechet.StatsError as e:
             raise click.ClickException(str(e))
         images = open_images_or_fail(image_path, num_expected, seed)
-        chosen = detector_path or frechet.recorded_detector(ref_detector, ref_path) or feature_detectors.INCEPTION_URL
-        dist.print0(f'Using detector {chosen}' + (' (recorded in the reference statistics)' if detector_path is None and ref_detector else ''))
+        chosen = detector_path or feature_detectors.default_detector(ref_detector)
+        dist.print0(f'Using detector {chosen}' + (' (the bundled one, which the reference statistics record)' if chosen != detector_path and ref_detector else ''))
+        dist.download_first_on_rank0(chosen)
         detector = load_detector_or_fail(chosen, images.image_shape, device)
+        try:
+            frechet.check_detector(ref_detector, detector, ref_path)
+        except frechet.StatsError as e:
+            raise click.ClickException(str(e))
         if detector.feature_dim != ref_mu.shape[0]:
             raise click.ClickException(f'{ref_path} holds statistics of {ref_mu.shape[0]}-dimensional features, but detector '
                 f'{chosen} gives {detector.feature_dim}; use the detector that made the reference')
         return ref_mu, ref_sigma, images, detector
     dist.print0('Loading reference statistics, images and detector...')
-    ref_mu, ref_sigma, images, detector = rank0_first(load)
+    dist.download_first_on_rank0(ref_path) # Downloads once per machine; then every rank reads in parallel.
+    ref_mu, ref_sigma, images, detector = load()
 
     mu, sigma = image_statistics(images, detector, batch, workers, device)
     if dist.get_rank() == 0:
@@ -209,8 +219,7 @@ def calc_from_features(image_path, ref_path, num_expected, seed, ci, json_path, 
             raise click.ClickException(f'{image_path} holds features of {len(feature_set)} images, but --num={num_expected}; pass --num={len(feature_set)}')
     else:
         images = open_images_or_fail(image_path, num_expected, seed)
-        chosen = detector_path or frechet.recorded_detector(ref_detector, ref_path) or feature_detectors.INCEPTION_URL
-        detector = rank0_first(lambda: load_detector_or_fail(chosen, images.image_shape, device))
+        chosen, detector = reference_detector(detector_path, ref_detector, ref_path, images.image_shape, device)
         if detector.feature_dim != ref_mu.shape[0]:
             raise click.ClickException(f'{ref_path} holds statistics of {ref_mu.shape[0]}-dimensional features, but detector '
                 f'{chosen} gives {detector.feature_dim}; use the detector that made the reference')
@@ -261,7 +270,8 @@ def features(image_path, dest_path, num_expected, seed, batch, detector_path, wo
     device = dist.init(device)
     images = open_images_or_fail(image_path, num_expected, seed)
     chosen = detector_path or feature_detectors.INCEPTION_URL
-    detector = rank0_first(lambda: load_detector_or_fail(chosen, images.image_shape, device))
+    dist.download_first_on_rank0(chosen)
+    detector = load_detector_or_fail(chosen, images.image_shape, device)
     feature_set = image_features(images, detector, batch, workers, device)
     if dist.get_rank() == 0:
         fid_uncertainty.save_features(dest_path, feature_set, detector=chosen)
@@ -325,6 +335,9 @@ def compare(path_a, path_b, ref_path, unpaired, json_path, blocks, resamples, me
 @device_option
 def ref(dataset_path, dest_path, batch, detector_path, workers, device):
     """Calculate dataset reference statistics needed by 'calc'."""
+    cli_checks.output_file(dest_path, '--dest')
+    cli_checks.device_available(device)
+    cli_checks.expect_kind(detector_path, '--detector', cli_checks.TORCH_MODULE_KINDS)
     device = dist.init(device)
 
     def load():
@@ -332,12 +345,13 @@ def ref(dataset_path, dest_path, batch, detector_path, workers, device):
         dist.print0(f'Using detector {detector_path or feature_detectors.INCEPTION_URL}')
         return images, load_detector_or_fail(detector_path or feature_detectors.INCEPTION_URL, images.image_shape, device)
     dist.print0(f'Loading images from "{dataset_path}" and the detector...')
-    images, detector = rank0_first(load)
+    dist.download_first_on_rank0(detector_path or feature_detectors.INCEPTION_URL)
+    images, detector = load()
 
     mu, sigma = image_statistics(images, detector, batch, workers, device)
     if dist.get_rank() == 0:
         dist.print0(f'Saving dataset reference statistics to "{dest_path}"...')
-        frechet.save_stats(dest_path, mu, sigma, detector=frechet.detector_for_record(detector_path, dest_path) if detector_path else None)
+        frechet.save_stats(dest_path, mu, sigma, detector=dict(name=detector.source, sha256=detector.sha256))
     dist.barrier()
     dist.print0('Done.')
     dist.shutdown()

@@ -96,10 +96,9 @@ class Study:
         if time_shift:
             kwargs['time_shift'] = time_shift_lib.TimeShift(time_shift_lib.TrainingGrid.for_network(self.net),
                 num_steps=kwargs['num_steps'], cutoff=self.cutoff, window=self.window, rule='paper')
-        make_denoiser = lambda net, labels: epsilon_scaling.with_epsilon_scaling(sampler_lib.network_denoiser(net, labels), eps_scaler)
         features = [self.detector(torch.as_tensor(batch.images).permute(0, 3, 1, 2)).cpu()
             for batch in generation.generate_images(self.net, seeds, self.batch_size, device=self.device,
-                sampler_kwargs=kwargs, make_denoiser=make_denoiser)]
+                sampler_kwargs=kwargs, corrections=generation.Corrections(eps_scaler=eps_scaler))]
         return torch.cat(features)
 
     def calibrate(self, name, sampler_kwargs):
