@@ -152,9 +152,9 @@ def test_features_carry_their_seeds_and_calc_ci_gives_a_quotable_line_and_json(f
     saved = fu.load_features(dest)
     assert saved.features.shape == (200, 8) and np.array_equal(saved.seeds, np.arange(200))
 
-    plain = float(run_ok('calc', '--images', files['generated'], '--ref', files['ref'], '--num=200', '--workers=0').stdout.strip().splitlines()[-1])
+    plain = float(run_ok('calc', '--images', files['generated'], '--ref', files['ref'], '--detector', files['detector'], '--num=200', '--workers=0').stdout.strip().splitlines()[-1])
     out = files['root'] / 'fid.json'
-    result = run_ok('calc', '--images', files['generated'], '--ref', files['ref'], '--num=200', '--workers=0', '--ci', f'--json={out}', '--blocks=20')
+    result = run_ok('calc', '--images', files['generated'], '--ref', files['ref'], '--detector', files['detector'], '--num=200', '--workers=0', '--ci', f'--json={out}', '--blocks=20')
     line = [l for l in result.stdout.splitlines() if l.startswith('FID ')][0]
     assert '95% CI' in line and 'FID-infinity' in line and '20 seed blocks' in line
     record = json.loads(out.read_text())
@@ -163,7 +163,7 @@ def test_features_carry_their_seeds_and_calc_ci_gives_a_quotable_line_and_json(f
     assert [l for l in again.stdout.splitlines() if l.startswith('FID ')][0] == line
 
 def test_compare_pairs_by_seed_and_refuses_unpaired_sets_in_one_line(files):
-    common = ['--ref', files['ref'], '--workers=0', '--blocks=20']
+    common = ['--ref', files['ref'], '--detector', files['detector'], '--workers=0', '--blocks=20']
     same = run_ok('compare', '--a', files['generated'], '--b', files['same'], *common)
     assert '+0.000 (95% CI +0.000 to +0.000; paired over 200 common seeds' in same.stdout
     other = run_ok('compare', '--a', files['generated'], '--b', files['other'], *common)

@@ -100,7 +100,7 @@ def is_feature_file(path):
     try:
         with np.load(path) as npz:
             return 'features' in npz.files
-    except (OSError, ValueError):
+    except Exception: # Damaged or not an npz at all: not a features file; the image reader names what is wrong.
         return False
 
 def load_features(path):
