@@ -23,6 +23,8 @@ import PIL.Image
 import tqdm
 
 import dnnlib
+from training import cli_checks
+from training import safety
 from training.dataset import DatasetError, is_image_file, read_image
 
 #----------------------------------------------------------------------------
@@ -33,15 +35,40 @@ from training.dataset import DatasetError, is_image_file, read_image
 def _read_labels_json(f, where):
     """{file name: label} from a dataset.json file object; empty if it has no labels."""
     try:
-        labels = json.load(f).get('labels')
+        labels = safety.load_json_capped(f, where).get('labels')
+    except safety.TooLarge as e:
+        raise DatasetError(str(e)) from e
     except (ValueError, AttributeError) as e:
         raise DatasetError(f'Cannot read {where}: not a JSON object with a "labels" list') from e
     if labels is None:
         return dict()
     try:
-        return {fname: label for fname, label in labels}
+        labels = {fname: label for fname, label in labels}
     except (TypeError, ValueError) as e:
         raise DatasetError(f'{where}: "labels" must be a list of [file name, label] pairs') from e
+    for fname, label in labels.items():
+        if not _valid_label(label):
+            raise DatasetError(f'{where}: the label of {fname} is {json.dumps(label)}; labels are class indices (integers >= 0) '
+                'or lists of finite numbers')
+    return labels
+
+def _valid_label(label):
+    if isinstance(label, bool):
+        return False
+    if isinstance(label, int):
+        return label >= 0
+    if isinstance(label, list):
+        return len(label) > 0 and all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in label)
+    return False
+
+def _check_all_labelled(labels, fnames, where):
+    """Labels for some images but not for others would be dropped silently (EDM keeps none); refuse."""
+    if not labels:
+        return
+    missing = [fname for fname in fnames if fname not in labels]
+    if missing:
+        raise DatasetError(f'{where} labels {len(fnames) - len(missing)} of the {len(fnames)} images but not {missing[0]}'
+            + (f' and {len(missing) - 1} more' if len(missing) > 1 else '') + '; label every image or remove dataset.json')
 
 def _folder_labels(fnames):
     """Class labels from top-level folder names (sorted names -> 0, 1, ...), or {} if there is just one."""
@@ -65,6 +92,7 @@ def open_image_folder(path, max_images=None):
     if len(labels) == 0:
         labels = _folder_labels(fnames)
     fnames = fnames[:max_images]
+    _check_all_labelled(labels, fnames, labels_fname)
 
     def iterate():
         for fname in fnames:
@@ -92,6 +120,7 @@ def open_image_zip(path, max_images=None):
     if len(fnames) == 0:
         raise DatasetError(f'No image files found in {path}')
     fnames = fnames[:max_images]
+    _check_all_labelled(labels, fnames, f'dataset.json in {path}')
 
     def iterate():
         with zipfile.ZipFile(path) as z:
@@ -117,7 +146,9 @@ def open_cifar10(path, max_images=None):
                 except KeyError:
                     raise DatasetError(f'{path} is not the python version of CIFAR-10: it has no {member_name}') from None
                 with tar.extractfile(member) as f:
-                    data = pickle.load(f, encoding='latin1')
+                    data = safety.load_data_pickle(f, encoding='latin1') # Arrays and labels only: a tarball runs no code.
+                if not isinstance(data, dict):
+                    raise DatasetError(f'{member_name} in {path} holds a {type(data).__name__}, not a dict of images and labels')
                 # Loaded with encoding='latin1' (as numpy arrays pickled by Python 2 need), the
                 # official files have str keys; files written by Python 3 may have bytes keys.
                 batch_images = np.asarray(data.get('data', data.get(b'data')), dtype=np.uint8)
@@ -282,6 +313,7 @@ def open_dest(dest):
     if os.path.isdir(dest) and len(os.listdir(dest)) != 0:
         raise DatasetError(f'--dest folder {dest} already has files in it; give a new or empty folder')
     parent = os.path.dirname(os.path.abspath(dest))
+    dnnlib.util.remove_stale_temporaries(parent) # The hidden folders of killed earlier runs.
     os.makedirs(parent, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(os.path.abspath(dest))}.', suffix='.tmp')
     try:
@@ -354,7 +386,12 @@ class Resolution(click.ParamType):
         m = re.fullmatch(r'(\d+)[x,](\d+)', str(value).strip())
         if not m or int(m.group(1)) == 0 or int(m.group(2)) == 0:
             self.fail(f'"{value}" is not a size like 64x64', param, ctx)
-        return int(m.group(1)), int(m.group(2))
+        width, height = int(m.group(1)), int(m.group(2))
+        try: # An RGB image and its resizing buffers, about 8 bytes per channel value.
+            cli_checks.memory_fits(width * height * 3 * 8, f'One {width}x{height} image', 'give a smaller --resolution')
+        except click.ClickException as e:
+            self.fail(e.message, param, ctx)
+        return width, height
 
 @click.command(context_settings=dict(max_content_width=120))
 @click.option('--source',     help='Image folder, zip of images, cifar-10-python.tar.gz, train-images-idx3-ubyte.gz or UCI optdigits .tra/.csv(.gz)', metavar='PATH', type=str, required=True)
@@ -400,6 +437,10 @@ def main(source, dest, max_images, transform, resolution):
     crops give RGB). The result appears only when complete; a folder --dest must be new or empty.
     """
     try:
+        if dest.lower().endswith('.zip'):
+            cli_checks.output_file(dest, '--dest')
+        elif not os.path.isdir(dest):
+            cli_checks.output_folder(dest, '--dest')
         convert_dataset(source, dest, max_images=max_images, transform=transform, resolution=resolution)
     except DatasetError as e:
         raise click.ClickException(str(e)) from None

@@ -18,6 +18,7 @@ import tqdm
 from torch_utils import distributed as dist
 from training import bundled
 from training import checkpoint
+from training import cli_checks
 from training import epsilon_scaling
 from training import exposure_bias_metrics as metrics
 from training import run_record
@@ -80,10 +81,16 @@ def main(network_pkl, data, outdir, num, num_steps, solver, discretization, sche
     python eps_norm.py --outdir=results/cifar --network=edm-cifar10-32x32-uncond-vp.pkl \\
         --data=datasets/cifar10-32x32.zip --steps=18 --calibrate
     """
+    cli_checks.output_folder(outdir)
+    cli_checks.device_available(device)
+    cli_checks.finite(eps_scaler, '--eps_scaler')
+    cli_checks.finite(kappa, '--kappa')
+    cli_checks.expect_kind(network_pkl, '--network', cli_checks.NETWORK_KINDS)
     start = time.time()
     device = dist.init(device)
     network_pkl = network_pkl or bundled.NETWORK
     data = data or bundled.DATA
+    dist.download_first_on_rank0(network_pkl) # Once per machine; then every rank loads in parallel.
     try:
         run_record.check_outdir(outdir)
         epsilon_scaling.check_eps_scaler(eps_scaler, kappa, num_steps)

@@ -15,6 +15,7 @@ import tqdm
 
 from torch_utils import distributed as dist
 from training import checkpoint
+from training import cli_checks
 from training import dataset
 from training import discriminator_guidance as dg_lib
 from training import epsilon_scaling
@@ -32,9 +33,15 @@ class SeedList(click.ParamType):
 
     def convert(self, value, param, ctx):
         try:
-            return generation.parse_seeds(value)
+            cli_checks.memory_fits(64 * cli_checks.seed_list_size(value), f'The seed list "{value}"', 'give fewer seeds')
+            seeds = generation.parse_seeds(value)
         except ValueError as e:
             self.fail(str(e), param, ctx)
+        except click.ClickException as e:
+            self.fail(e.message, param, ctx)
+        if seeds and max(seeds) >= 1 << 63:
+            self.fail(f'seed {max(seeds)} is too large (seeds are 64-bit integers)', param, ctx)
+        return seeds
 
 def list_presets(ctx, _param, value):
     if value and not ctx.resilient_parsing:
@@ -148,6 +155,19 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
         if values.solver == 'euler' and not given('solver'):
             sampler_kwargs['solver'] = 'euler'
 
+    # Bad input is answered before anything is loaded or written (training/cli_checks.py).
+    cli_checks.output_folder(outdir)
+    cli_checks.device_available(device)
+    for name, value in [('--eps_scaler', eps_scaler), ('--kappa', kappa), ('--S_noise', sampler_kwargs['S_noise']),
+            ('--dg_weight_1st_order', dg_weight_1st_order), ('--dg_weight_2nd_order', dg_weight_2nd_order)]:
+        cli_checks.finite(value, name)
+    cli_checks.ordered(sampler_kwargs['sigma_min'], sampler_kwargs['sigma_max'], '--sigma_min', '--sigma_max')
+    cli_checks.ordered(sampler_kwargs['S_min'], sampler_kwargs['S_max'], '--S_min', '--S_max')
+    cli_checks.expect_kind(network_pkl, '--network', cli_checks.NETWORK_KINDS)
+    for name, value in [('--discriminator_ckpt', discriminator_ckpt), ('--pretrained_classifier_ckpt', pretrained_classifier_ckpt), ('--molrg', molrg_path)]:
+        cli_checks.expect_kind(value, name, cli_checks.STATE_DICT_KINDS)
+    seeds = cli_checks.unique_seeds(seeds)
+
     dg_weight_1st_order = check_guidance_flags(discriminator_ckpt, pretrained_classifier_ckpt, dg_weight_1st_order, dg_weight_2nd_order,
         time_min, time_max, boosting, cond)
     if boosting and do_time_shift:
@@ -168,9 +188,8 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
     device = dist.init(device)
     rank, world_size = dist.get_rank(), dist.get_world_size()
 
-    # Load the network; rank 0 first, so that a download happens once.
-    if rank != 0:
-        dist.barrier()
+    # Load the network: downloads once per machine, then every rank loads (and reads --dataset) in parallel.
+    dist.download_first_on_rank0(network_pkl)
     try:
         net, _source = generation.load_denoiser(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx)
         if optimal_denoiser and sampler_kwargs.get('solver') is None:
@@ -178,9 +197,6 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
         guidance = load_guidance(net, discriminator_ckpt, pretrained_classifier_ckpt, cond, time_min, time_max) if discriminator_ckpt else None
     except (ValueError, checkpoint.CheckpointError, dataset.DatasetError, dg_lib.GuidanceCheckpointError) as e:
         raise click.ClickException(str(e))
-    finally:
-        if rank == 0:
-            dist.barrier()
     net = net.to(device)
     if guidance is not None:
         guidance.to(device)
@@ -204,13 +220,8 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
     except ValueError as e:
         raise click.ClickException(str(e))
 
-    def make_denoiser(net, class_labels):
-        denoise = sampler_lib.network_denoiser(net, class_labels)
-        denoise = epsilon_scaling.with_epsilon_scaling(denoise, eps_scaler, kappa)
-        if guidance is None: # Guidance goes around epsilon scaling: its term is not scaled (SEDM-G++).
-            return denoise
-        return dg_lib.with_discriminator_guidance(denoise, guidance, class_labels if cond else None, dg_weight_1st_order,
-            dg_weight_2nd_order, boosting=dg_lib.Boosting() if boosting else None)
+    corrections = generation.Corrections(eps_scaler=eps_scaler, kappa=kappa, guidance=guidance, guidance_cond=bool(cond),
+        dg_weight_1st_order=dg_weight_1st_order, dg_weight_2nd_order=dg_weight_2nd_order, boosting=bool(boosting))
 
     # Seeds still to do.
     todo = seeds
@@ -221,7 +232,7 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
             raise click.ClickException(str(e))
         todo = [seed for seed in seeds if seed not in done]
     elif resume:
-        todo = [seed for seed in seeds if not os.path.isfile(generation.image_path(outdir, seed, subdirs))]
+        todo = [seed for seed in seeds if not cli_checks.image_decodes(generation.image_path(outdir, seed, subdirs))]
     if resume:
         dist.print0(f'Resuming: {len(seeds) - len(todo)} of {len(seeds)} images already exist')
         dist.barrier() # Every rank must see the same files, so no rank may write before all have looked.
@@ -238,7 +249,7 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
     # Generate and save.
     dist.print0(f'Generating {len(todo)} images to "{outdir}"...')
     batches = generation.generate_images(net, todo, max_batch_size=max_batch_size, class_idx=class_idx, device=device,
-        sampler_kwargs=sampler_kwargs, make_denoiser=make_denoiser, rank=rank, world_size=world_size)
+        sampler_kwargs=sampler_kwargs, corrections=corrections, rank=rank, world_size=world_size)
     num_batches = len(generation.rank_batches(todo, max_batch_size, rank, world_size))
     for batch in tqdm.tqdm(batches, total=num_batches, unit='batch', disable=(rank != 0)):
         if npz:

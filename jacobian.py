@@ -12,6 +12,7 @@ import click
 import dnnlib
 from torch_utils import distributed as dist
 from training import checkpoint
+from training import cli_checks
 from training import dataset as dataset_lib
 from training import generation
 from training import jacobian_rank
@@ -61,7 +62,13 @@ def main(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx, see
     python jacobian.py --outdir=out-jacobian/network
     python jacobian.py --outdir=out-jacobian/memorizing --optimal_denoiser --dataset=bundled/digits-16x16.zip
     """
+    cli_checks.output_folder(outdir)
+    cli_checks.device_available(device)
+    cli_checks.ordered(sigma_min, sigma_max, '--sigma_min', '--sigma_max')
+    cli_checks.expect_kind(network_pkl, '--network', cli_checks.NETWORK_KINDS)
+    cli_checks.expect_kind(molrg_path, '--molrg', cli_checks.STATE_DICT_KINDS)
     device = dist.init(device)
+    dist.download_first_on_rank0(network_pkl) # Once per machine; then every rank loads in parallel.
     try:
         run_record.check_outdir(outdir)
         net, source = generation.load_denoiser(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx)

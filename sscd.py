@@ -9,6 +9,7 @@ import numpy as np
 
 import dnnlib
 from torch_utils import distributed as dist
+from training import cli_checks
 from training import copy_detection
 from training import dataset
 from training import feature_detectors
@@ -53,17 +54,16 @@ def main():
 @click.option('--device',                    help='Device  [default: cuda if available, else cpu]', metavar='cuda|cpu', type=click.Choice(['cuda', 'cpu']), default=None)
 def feature(image_path, features_path, model_path, batch, workers, device):
     """Calculate SSCD features (L2-normalized, images resized to 320x320) of a set of images."""
+    cli_checks.output_file(features_path, '--features')
+    cli_checks.device_available(device)
+    cli_checks.expect_kind(model_path, '--model', cli_checks.TORCH_MODULE_KINDS)
     device = dist.init(device)
-    if dist.get_rank() != 0:
-        dist.barrier()
+    dist.download_first_on_rank0(model_path)
     try:
         images = image_sources.open_images(image_path)
         model = copy_detection.load_sscd_model(model_path, device=device, verbose=(dist.get_rank() == 0))
     except (dataset.DatasetError, feature_detectors.DetectorError) as e:
         raise click.ClickException(str(e))
-    finally:
-        if dist.get_rank() == 0:
-            dist.barrier()
 
     dist.print0(f'Calculating SSCD features of {len(images)} images...')
     try:
@@ -79,7 +79,8 @@ def feature(image_path, features_path, model_path, batch, workers, device):
 
 #----------------------------------------------------------------------------
 
-def load_features_or_fail(path):
+def load_features_or_fail(path, option):
+    cli_checks.readable_npz(path, option, required_keys=['features'])
     try:
         return copy_detection.load_features(path)
     except ValueError as e:
@@ -96,7 +97,8 @@ threshold_option = click.option('--t', 'threshold', help='Cosine similarity abov
 @threshold_option
 def rpscore(source_path, target_path, threshold):
     """Reproducibility score: fraction of index-matched pairs with similarity > t."""
-    source, target = load_features_or_fail(source_path), load_features_or_fail(target_path)
+    cli_checks.finite(threshold, '--t')
+    source, target = load_features_or_fail(source_path, '--source'), load_features_or_fail(target_path, '--target')
     if source.shape[0] != target.shape[0]:
         raise click.ClickException(f'{source_path} has {source.shape[0]} images and {target_path} {target.shape[0]}; the RP score pairs '
             f'image i with image i, so both must come from the same seeds')
@@ -114,7 +116,9 @@ def rpscore(source_path, target_path, threshold):
 @click.option('--block', 'block_size', help='Rows per block of the similarity matrix', metavar='INT', type=click.IntRange(min=1), default=4096, show_default=True)
 def mscore(source_path, target_path, threshold, block_size):
     """Memorization score: 1 - fraction of source images whose nearest target has similarity > t."""
-    source, target = load_features_or_fail(source_path), load_features_or_fail(target_path)
+    cli_checks.finite(threshold, '--t')
+    source, target = load_features_or_fail(source_path, '--source'), load_features_or_fail(target_path, '--target')
+    cli_checks.memory_fits(8 * min(block_size, source.shape[0]) * target.shape[0], f'A similarity block of {block_size} rows', 'give a smaller --block')
     try:
         score = copy_detection.memorization_score(source, target, threshold, block_size=block_size, progress=True)
     except ValueError as e:

@@ -6,6 +6,7 @@ data, detector and reference statistics, offline on a CPU.
 
 import os
 import re
+import math
 import time
 
 import click
@@ -13,6 +14,7 @@ import torch
 
 from eps_norm import load_training_images
 from torch_utils import distributed as dist
+from training import cli_checks
 from training import bundled
 from training import checkpoint
 from training import exposure_bias_study
@@ -32,7 +34,7 @@ class FloatList(click.ParamType):
             values = [float(v) for v in str(value).split(',') if v.strip()]
         except ValueError:
             self.fail(f'"{value}" is not a comma-separated list of numbers', param, ctx)
-        if not values or min(values) <= 0:
+        if not values or not all(math.isfinite(v) and v > 0 for v in values):
             self.fail(f'"{value}": give at least one positive eps_scaler', param, ctx)
         return values
 
@@ -42,7 +44,7 @@ class FloatList(click.ParamType):
 @click.option('--network',     'network_pkl', help='Network pickle  [default: the bundled digits model]', metavar='PATH|URL', type=str, show_default=False)
 @click.option('--data',        help='Training images  [default: the bundled digits]', metavar='ZIP|DIR', type=str, show_default=False)
 @click.option('--ref',         'ref_path', help='Reference statistics  [default: the bundled ones]', metavar='NPZ', type=str, show_default=False)
-@click.option('--detector',    'detector_path', help='Feature detector  [default: the one recorded in --ref]', metavar='PATH|URL', type=str, show_default=False)
+@click.option('--detector',    'detector_path', help='Feature detector  [default: the bundled one for references made with it, else Inception]', metavar='PATH|URL', type=str, show_default=False)
 @click.option('--num',         'num_images', help='Generated images per FD entry', metavar='INT', type=click.IntRange(min=2), default=400)
 @click.option('--num_calibration', help='Trajectories and training images for the eps-norm curves', metavar='INT', type=click.IntRange(min=2), default=128)
 @click.option('--rounds',      help='Calibration rounds', metavar='INT', type=click.IntRange(min=1), default=3)
@@ -83,14 +85,21 @@ def main(outdir, restart, network_pkl, data, ref_path, detector_path, num_images
         run_record.check_outdir(outdir)
     except ValueError as e:
         raise click.ClickException(str(e))
+    cli_checks.output_folder(outdir)
+    cli_checks.device_available(device)
+    cli_checks.readable_npz(ref_path, '--ref', required_keys=['mu', 'sigma'])
+    cli_checks.expect_kind(network_pkl, '--network', cli_checks.NETWORK_KINDS)
+    cli_checks.expect_kind(detector_path, '--detector', cli_checks.TORCH_MODULE_KINDS)
     device = dist.init(device)
+    dist.download_first_on_rank0(network_pkl, ref_path, detector_path) # Once per machine; then every rank loads in parallel.
     try:
         net = checkpoint.load_network(network_pkl).to(device).eval()
         images, labels = load_training_images(data, net, max(num_images, num_calibration))
         ref_mu, ref_sigma, recorded = frechet.load_stats(ref_path, with_detector=True)
-        detector_path = detector_path or frechet.recorded_detector(recorded, ref_path) or feature_detectors.INCEPTION_URL
+        detector_path = detector_path or feature_detectors.default_detector(recorded)
         print(f'Using detector {detector_path}')
         detector = feature_detectors.load_feature_detector(detector_path, [net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        frechet.check_detector(recorded, detector, ref_path)
         if detector.feature_dim != ref_mu.shape[0]:
             raise click.ClickException(f'{ref_path} holds {ref_mu.shape[0]}-dimensional statistics, detector {detector_path} gives {detector.feature_dim}')
     except (checkpoint.CheckpointError, DatasetError, frechet.StatsError, feature_detectors.DetectorError) as e:

@@ -4,6 +4,7 @@ Flags, defaults and the run folder are those of NVIDIA EDM's train.py; snapshots
 generate.py. Run as `python train.py ...` or `torchrun --nproc_per_node=N train.py ...`.
 """
 
+import copy
 import json
 import os
 import re
@@ -15,6 +16,8 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from training import checkpoint
+from training import cli_checks
+from training import safety
 from training import training_loop
 from training.dataset import DatasetError
 
@@ -124,6 +127,9 @@ def main(**kwargs):
         --resume=training-runs/00000-cifar10-32x32-cond-ddpmpp-edm-gpus8-batch512-fp32/training-state-050000.pt
     """
     opts = dnnlib.EasyDict(kwargs)
+    cli_checks.output_folder(opts.outdir)
+    cli_checks.device_available(opts.device)
+    cli_checks.expect_kind(opts.transfer, '--transfer', cli_checks.NETWORK_KINDS)
     device = dist.init(opts.device)
     if device.type == 'cuda':
         torch.multiprocessing.set_start_method('spawn', force=True) # DataLoader workers must not inherit CUDA state.
@@ -132,19 +138,24 @@ def main(**kwargs):
         c = build_config(opts, device)
     except (DatasetError, checkpoint.CheckpointError) as e:
         raise click.ClickException(str(e))
+    except TrainingFinished as e:
+        dist.print0(str(e))
+        return
 
-    dist.print0()
-    dist.print0('Training options:')
-    dist.print0(json.dumps(c, indent=2))
-    dist.print0()
-    dist.print0(f'Output directory:        {c.run_dir}')
-    dist.print0(f'Dataset path:            {c.dataset_kwargs.path}')
-    dist.print0(f'Class-conditional:       {c.dataset_kwargs.use_labels}')
-    dist.print0(f'Network architecture:    {opts.arch}')
-    dist.print0(f'Preconditioning & loss:  {opts.precond}')
-    dist.print0(f'Number of ranks:         {dist.get_world_size()} ({device.type})')
-    dist.print0(f'Batch size:              {c.batch_size}')
-    dist.print0(f'Mixed-precision:         {c.network_kwargs.use_fp16}')
+    summary = { # The few settings worth a second look before hours of training.
+        'Output directory':       c.run_dir,
+        'Dataset path':           c.dataset_kwargs.path,
+        'Class-conditional':      c.dataset_kwargs.use_labels,
+        'Network architecture':   opts.arch,
+        'Preconditioning & loss': opts.precond,
+        'Number of ranks':        f'{dist.get_world_size()} ({device.type})',
+        'Batch size':             c.batch_size,
+        'Mixed-precision':        c.network_kwargs.use_fp16,
+    }
+    for line in ['', 'Training options:', json.dumps(c, indent=2), '']:
+        dist.print0(line)
+    for label, value in summary.items():
+        dist.print0(f'{label + ":":<25}{value}')
     dist.print0()
     if opts.dry_run:
         dist.print0('Dry run; exiting.')
@@ -160,6 +171,29 @@ def main(**kwargs):
     dist.shutdown()
 
 #----------------------------------------------------------------------------
+# --arch: the network's architecture settings (--cbase and --cres override the last two).
+
+ARCHITECTURES = {
+    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
+                   channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2]),
+    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
+                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2]),
+    'adm':    dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
+}
+
+# --precond: (preconditioned network class, loss class). cdm is EDM's preconditioning and loss plus
+# the consistency term of Daras et al.
+PRECONDITIONINGS = {
+    'vp':  ('training.networks.VPPrecond', 'training.loss.VPLoss'),
+    've':  ('training.networks.VEPrecond', 'training.loss.VELoss'),
+    'edm': ('training.networks.EDMPrecond', 'training.loss.EDMLoss'),
+    'cdm': ('training.networks.EDMPrecond', 'training.loss.MartingaleLoss'),
+}
+
+#----------------------------------------------------------------------------
+
+class TrainingFinished(Exception):
+    """--resume of a state that already reached --duration: nothing to train, nothing to write."""
 
 def build_config(opts, device):
     """All training options as the keyword arguments of training_loop(); ClickException for bad input."""
@@ -187,29 +221,10 @@ def build_config(opts, device):
     interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels, label_dim=dataset_obj.label_dim)
     del dataset_obj
 
-    # Architecture.
-    if opts.arch == 'ddpmpp':
-        c.network_kwargs.update(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard')
-        c.network_kwargs.update(channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2])
-    elif opts.arch == 'ncsnpp':
-        c.network_kwargs.update(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard')
-        c.network_kwargs.update(channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2])
-    else:
-        c.network_kwargs.update(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4])
-
-    # Preconditioning and loss.
-    if opts.precond == 'vp':
-        c.network_kwargs.class_name = 'training.networks.VPPrecond'
-        c.loss_kwargs.class_name = 'training.loss.VPLoss'
-    elif opts.precond == 've':
-        c.network_kwargs.class_name = 'training.networks.VEPrecond'
-        c.loss_kwargs.class_name = 'training.loss.VELoss'
-    elif opts.precond == 'edm':
-        c.network_kwargs.class_name = 'training.networks.EDMPrecond'
-        c.loss_kwargs.class_name = 'training.loss.EDMLoss'
-    else: # Consistency regularization on top of EDM's preconditioning and loss, as Daras et al.
-        c.network_kwargs.class_name = 'training.networks.EDMPrecond'
-        c.loss_kwargs.class_name = 'training.loss.MartingaleLoss'
+    # Architecture, then preconditioning and loss, from the tables above.
+    c.network_kwargs.update(copy.deepcopy(ARCHITECTURES[opts.arch]))
+    c.network_kwargs.class_name, c.loss_kwargs.class_name = PRECONDITIONINGS[opts.precond]
+    if opts.precond == 'cdm':
         c.loss_kwargs.update(martingale_lambda=opts.martingale_lambda, num_steps=opts.martingale_steps,
             S_churn=opts.S_churn, S_min=opts.S_min, S_max=opts.S_max, S_noise=opts.S_noise)
 
@@ -246,6 +261,7 @@ def build_config(opts, device):
     if opts.transfer is not None:
         if opts.resume is not None:
             raise click.ClickException('--transfer and --resume cannot be specified at the same time')
+        dist.download_first_on_rank0(opts.transfer) # Once per machine; the other ranks read the cache.
         checkpoint.load_network(opts.transfer, native=False, verbose=(dist.get_rank() == 0)) # Fail now, not after setup.
         c.resume_pkl = opts.transfer
         c.ema_rampup_ratio = None
@@ -254,9 +270,14 @@ def build_config(opts, device):
         if not match or not os.path.isfile(opts.resume):
             raise click.ClickException(f'--resume must point to a training-state-*.pt file of a previous run (got {opts.resume})')
         try:
-            saved = training_loop.read_training_state_fingerprint(opts.resume)
+            state = training_loop.read_training_state(opts.resume)
         except Exception as e: # A damaged state fails to unpickle in many ways.
-            raise click.ClickException(f'Cannot read training state {opts.resume} ({type(e).__name__}: {e})')
+            raise click.ClickException(safety.first_line(e) if isinstance(e, ValueError) else f'Cannot read training state {opts.resume} ({type(e).__name__}: {safety.first_line(e)})')
+        saved = state.get('fingerprint') if state.get('format') == training_loop.STATE_FORMAT else None
+        if isinstance(state.get('cur_nimg'), int) and state['cur_nimg'] >= c.total_kimg * 1000:
+            raise TrainingFinished(f'{opts.resume} is a finished run ({state["cur_nimg"] / 1000:g} kimg of --duration={opts.duration:g} Mimg); '
+                'nothing to do (pass a larger --duration to train further)')
+        del state
         if saved is not None:
             current = training_loop.training_state_fingerprint(c.network_kwargs, c.loss_kwargs, c.dataset_kwargs, c.get('augment_kwargs'), c.batch_size, interface_kwargs)
             differences = training_loop.fingerprint_differences(saved, current)
@@ -270,18 +291,13 @@ def build_config(opts, device):
                 raise click.ClickException(f'--resume: {opts.resume} is an NVIDIA EDM training state; its EMA network {c.resume_pkl} is missing')
         c.resume_state_dump = opts.resume
 
-    # Run folder.
-    cond_str = 'cond' if c.dataset_kwargs.use_labels else 'uncond'
-    dtype_str = 'fp16' if c.network_kwargs.use_fp16 else 'fp32'
-    desc = f'{dataset_name:s}-{cond_str:s}-{opts.arch:s}-{opts.precond:s}-gpus{world_size:d}-batch{c.batch_size:d}-{dtype_str:s}'
-    if opts.desc is not None:
-        desc += f'-{opts.desc}'
-    if dist.get_rank() != 0:
-        c.run_dir = None
-    elif opts.nosubdir:
-        c.run_dir = opts.outdir
-    else:
-        c.run_dir = next_run_dir(opts.outdir, desc)
+    # Run folder, named as NVIDIA EDM names it: NNNNN-digits-16x16-cond-ddpmpp-edm-gpus1-batch128-fp32[-desc].
+    name_parts = [dataset_name, ('cond' if c.dataset_kwargs.use_labels else 'uncond'), opts.arch, opts.precond,
+        f'gpus{world_size}', f'batch{c.batch_size}', ('fp16' if c.network_kwargs.use_fp16 else 'fp32')]
+    name_parts += [] if opts.desc is None else [opts.desc]
+    c.run_dir = None # Only rank 0 writes.
+    if dist.get_rank() == 0:
+        c.run_dir = opts.outdir if opts.nosubdir else next_run_dir(opts.outdir, '-'.join(name_parts))
     return c
 
 #----------------------------------------------------------------------------

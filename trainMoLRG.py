@@ -13,6 +13,7 @@ import train
 from torch_utils import distributed as dist
 from training import molrg
 from training import run_record
+from training import cli_checks
 
 #----------------------------------------------------------------------------
 
@@ -91,6 +92,12 @@ def main(ctx, path, img_res, class_num, per_class_dim, sample_per_class, data_se
         --sample_per_class 350 --embed_channels 16 --augment 0 --batch 64 --duration 0.05 --lr_rampup 10 --device cpu
     python jacobian.py --network_pkl training-runs/MoLRG_dataset_resolution4_classnum2_perclassdim7_sample350/00000-MoLRG-uncond-ddpmpp-edm-gpus1-batch64-fp32/network-snapshot-000050.pkl
     """
+    cli_checks.output_folder(path, '--path')
+    cli_checks.output_folder(outdir)
+    cli_checks.device_available(train_kwargs['device'])
+    dimension = 3 * img_res * img_res # The samples (float32) and the orthonormal bases (float64) of every class.
+    cli_checks.memory_fits(4 * dimension * class_num * sample_per_class + 8 * dimension * class_num * per_class_dim,
+        'The MoLRG dataset', 'give a smaller --img_res, --class_num, --per_class_dim or --sample_per_class')
     try:
         run_record.check_outdir(outdir) # The authors' command says --outdir training, which would write into the package.
     except ValueError as e:

@@ -9,6 +9,8 @@ image was given (self-supervised). One `classifier_{epoch}.pt` per epoch in --ou
 import click
 import torch
 
+from training import cli_checks
+from torch_utils import distributed as dist
 from training import dataset as dataset_lib
 from training import guidance_training
 
@@ -39,6 +41,11 @@ def main(data, outdir, labels, epochs, batch, lr, width, depth, max_size, seed, 
     # No labels: the rotation task
     python train_classifier.py --data=datasets/faces-64x64.zip --outdir=cls --labels=rotation
     """
+    cli_checks.output_folder(outdir)
+    cli_checks.device_available(device)
+    if dist.launched_world_size() > 1: # Each rank would train its own copy on the same device and overwrite the same files.
+        raise click.ClickException(f'train_classifier.py trains in one process on one device; start it with python, not torchrun with '
+            f'{dist.launched_world_size()} processes')
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     try:
         if labels is None:

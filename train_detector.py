@@ -8,6 +8,7 @@ import click
 import numpy as np
 
 from training import classifier_detector
+from training import cli_checks
 from training.dataset import DatasetError, ImageFolderDataset
 
 #----------------------------------------------------------------------------
@@ -29,6 +30,7 @@ def main(data, dest, epochs, holdout, seed):
     python fid.py ref --data=bundled/digits-16x16.zip --dest=bundled/digits-16x16-ref.npz \\
         --detector=bundled/digits-detector.pt
     """
+    cli_checks.output_file(dest, '--dest')
     try:
         dataset = ImageFolderDataset(data, use_labels=True)
     except DatasetError as e:

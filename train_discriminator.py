@@ -9,6 +9,8 @@ epoch in --outdir, loadable by generate.py --discriminator_ckpt and by DG's own 
 import click
 import torch
 
+from training import cli_checks
+from torch_utils import distributed as dist
 from training import dataset as dataset_lib
 from training import discriminator_guidance as dg
 from training import guidance_training
@@ -46,6 +48,12 @@ def main(real, fake, outdir, pretrained_classifier_ckpt, cond, num_data, epochs,
     python train_discriminator.py --real=datasets/cifar10-32x32.zip --fake=samples-cond --cond=1 \\
         --pretrained_classifier_ckpt=32x32_classifier.pt --outdir=disc-cond
     """
+    cli_checks.output_folder(outdir)
+    cli_checks.device_available(device)
+    cli_checks.expect_kind(pretrained_classifier_ckpt, '--pretrained_classifier_ckpt', cli_checks.STATE_DICT_KINDS)
+    if dist.launched_world_size() > 1: # Each rank would train its own copy on the same device and overwrite the same files.
+        raise click.ClickException(f'train_discriminator.py trains in one process on one device; start it with python, not torchrun with '
+            f'{dist.launched_world_size()} processes')
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     try:
         real_images, real_labels = guidance_training.load_image_set(real, need_labels=bool(cond), max_size=num_data)

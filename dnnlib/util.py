@@ -2,12 +2,14 @@
 on-disk cache that works offline when the file is already there or given as a local path."""
 
 import contextlib
+import errno
 import glob
 import hashlib
 import importlib
 import io
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -37,13 +39,14 @@ class EasyDict(dict):
 # Copy of everything printed to stdout/stderr into a log file (train.py's log.txt).
 
 class Logger:
+    """From construction until close(), sys.stdout and sys.stderr both write to the original
+    stdout and, when `file_name` is given, to that file too."""
+
     def __init__(self, file_name=None, file_mode='a', should_flush=True):
         self.file = open(file_name, file_mode, encoding='utf-8') if file_name is not None else None
-        self.should_flush = should_flush
-        self.stdout = sys.stdout
-        self.stderr = sys.stderr
-        sys.stdout = self
-        sys.stderr = self
+        self.should_flush = should_flush # Flush after every write, so that a crash loses nothing.
+        self.stdout, self.stderr = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = self
 
     def __enter__(self):
         return self
@@ -51,31 +54,31 @@ class Logger:
     def __exit__(self, *_exc):
         self.close()
 
+    def _targets(self):
+        return [self.stdout] if self.file is None else [self.file, self.stdout]
+
     def write(self, text):
-        if isinstance(text, bytes):
-            text = text.decode()
-        if len(text) == 0:
-            return
-        if self.file is not None:
-            self.file.write(text)
-        self.stdout.write(text)
-        if self.should_flush:
-            self.flush()
+        text = text.decode() if isinstance(text, bytes) else text
+        if text:
+            for target in self._targets():
+                target.write(text)
+            if self.should_flush:
+                self.flush()
 
     def flush(self):
-        if self.file is not None:
-            self.file.flush()
-        self.stdout.flush()
+        for target in self._targets():
+            target.flush()
 
     def isatty(self):
         return False
 
     def close(self):
+        """Flush, hand sys.stdout / sys.stderr back where they are still this logger (another
+        logger may have been stacked on top), close the file."""
         self.flush()
-        if sys.stdout is self:
-            sys.stdout = self.stdout
-        if sys.stderr is self:
-            sys.stderr = self.stderr
+        for stream_name, original in [('stdout', self.stdout), ('stderr', self.stderr)]:
+            if getattr(sys, stream_name) is self:
+                setattr(sys, stream_name, original)
         if self.file is not None:
             self.file.close()
             self.file = None
@@ -83,14 +86,18 @@ class Logger:
 #----------------------------------------------------------------------------
 
 def format_time(seconds):
-    s = int(round(seconds))
-    if s < 60:
-        return f'{s}s'
-    if s < 60 * 60:
-        return f'{s // 60}m {s % 60:02d}s'
-    if s < 24 * 60 * 60:
-        return f'{s // (60 * 60)}h {(s // 60) % 60:02d}m {s % 60:02d}s'
-    return f'{s // (24 * 60 * 60)}d {(s // (60 * 60)) % 24:02d}h {(s // 60) % 60:02d}m'
+    """'42s', '3m 07s', '2h 03m 07s' or '1d 02h 03m': the largest units, to the nearest second."""
+    total = int(round(seconds))
+    minutes, secs = divmod(total, 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if total < 60:
+        return f'{total}s'
+    if hours == 0 and days == 0:
+        return f'{minutes}m {secs:02d}s'
+    if days == 0:
+        return f'{hours}h {minutes:02d}m {secs:02d}s'
+    return f'{days}d {hours:02d}h {minutes:02d}m'
 
 #----------------------------------------------------------------------------
 # Cache folder. The layout `{cache}/downloads/{md5(url)}_{name}` is the one
@@ -103,15 +110,16 @@ def set_cache_dir(path):
     _cache_dir = path
 
 def make_cache_dir_path(*paths):
+    """A path in the cache folder: set_cache_dir()'s, else $DNNLIB_CACHE_DIR, else .cache/dnnlib in
+    the home folder ($HOME, or %USERPROFILE% on Windows) or, without one, in the temporary folder."""
     if _cache_dir is not None:
-        return os.path.join(_cache_dir, *paths)
-    if 'DNNLIB_CACHE_DIR' in os.environ:
-        return os.path.join(os.environ['DNNLIB_CACHE_DIR'], *paths)
-    if 'HOME' in os.environ:
-        return os.path.join(os.environ['HOME'], '.cache', 'dnnlib', *paths)
-    if 'USERPROFILE' in os.environ:
-        return os.path.join(os.environ['USERPROFILE'], '.cache', 'dnnlib', *paths)
-    return os.path.join(tempfile.gettempdir(), '.cache', 'dnnlib', *paths)
+        root = _cache_dir
+    elif 'DNNLIB_CACHE_DIR' in os.environ:
+        root = os.environ['DNNLIB_CACHE_DIR']
+    else:
+        home = os.environ.get('HOME', os.environ.get('USERPROFILE'))
+        root = os.path.join(tempfile.gettempdir() if home is None else home, '.cache', 'dnnlib')
+    return os.path.join(root, *paths)
 
 #----------------------------------------------------------------------------
 # Objects by dotted name, e.g. 'training.networks.EDMPrecond'.
@@ -251,8 +259,14 @@ def atomic_write(path, mode='wb', fsync=False):
     """
     assert mode in ('wb', 'w')
     folder = os.path.dirname(os.path.abspath(path))
+    created = folder # The top-most folder this write creates, removed again if the write fails.
+    while not os.path.exists(os.path.dirname(created)) and os.path.dirname(created) != created:
+        created = os.path.dirname(created)
+    created = None if os.path.exists(folder) else created
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    prefix = '.' + os.path.basename(path) + '.'
+    remove_stale_temporaries(folder)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix='.tmp')
     try:
         os.chmod(tmp, 0o666 & ~current_umask()) # mkstemp makes the file private; give it the usual permissions.
         with os.fdopen(fd, mode) as f:
@@ -261,9 +275,51 @@ def atomic_write(path, mode='wb', fsync=False):
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if created is not None:
+            remove_empty_folders(folder, created)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            import click # A full disk is the user's to fix: one line, as every CLI reports bad input.
+            raise click.ClickException(f'No space left on the device to write {path}; the partial file was removed') from e
         raise
+
+def remove_empty_folders(folder, top):
+    """Remove `folder` and its parents up to and including `top`, as long as they are empty."""
+    while True:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+        if folder == top:
+            return
+        folder = os.path.dirname(folder)
+
+_STARTED = time.time()
+_swept_folders = set()
+_TEMPORARY_NAME = re.compile(r'^\..+\.[A-Za-z0-9_]{8}\.tmp$') # What atomic_write's mkstemp names look like.
+
+def remove_stale_temporaries(folder):
+    """Once per folder and process: remove the hidden temporaries that killed writes left there.
+
+    Only files last written before this process started count as stale, so that the temporaries of
+    other ranks writing into the same folder right now are left alone."""
+    if folder in _swept_folders:
+        return
+    _swept_folders.add(folder)
+    try:
+        entries = [entry for entry in os.scandir(folder) if _TEMPORARY_NAME.match(entry.name)]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime < _STARTED - 5:
+                if entry.is_dir(follow_symlinks=False): # dataset_tool.py builds a folder --dest as a hidden temporary folder.
+                    shutil.rmtree(entry.path)
+                else:
+                    os.remove(entry.path)
+        except OSError:
+            pass
 
 #----------------------------------------------------------------------------

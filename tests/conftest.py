@@ -50,27 +50,24 @@ def run_cli(args, cwd=REPO, env=None, timeout=300):
     return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 #----------------------------------------------------------------------------
-# The networks module as an older release would have it: attention through a
-# custom autograd.Function (as NVIDIA's release does), everything else the same.
-LEGACY_ATTENTION = '''
+# The networks module as NVIDIA's release has it, in the one respect that matters
+# to the tests: attention weights through an old-style autograd.Function (forward
+# taking ctx, no vmap rule), which torch.func refuses. Appended to our source, the
+# new definition rebinds the module-level name that UNetBlock calls.
+OLD_STYLE_ATTENTION = '''
 
-class AttentionOp(torch.autograd.Function):
+class _OldStyleAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k):
-        w = torch.einsum('ncq,nck->nqk', q.to(torch.float32), (k / np.sqrt(k.shape[1])).to(torch.float32)).softmax(dim=2).to(q.dtype)
-        ctx.save_for_backward(q, k, w)
-        return w
+        return _attention_logits(q, k).softmax(dim=2).to(q.dtype)
 
-    @staticmethod
-    def backward(ctx, dw):
-        raise NotImplementedError('not needed by the tests')
+def attention_weights(q, k):
+    return _OldStyleAttention.apply(q, k)
 '''
 
 def legacy_networks_source():
     with open(os.path.join(REPO, 'training', 'networks.py')) as f:
-        src = f.read()
-    assert 'w = attention_weights(q, k)' in src
-    return src.replace('w = attention_weights(q, k)', 'w = AttentionOp.apply(q, k)') + LEGACY_ATTENTION
+        return f.read() + OLD_STYLE_ATTENTION
 
 def legacy_networks_module():
     """training/networks.py with legacy attention, executed as a separate module like a pickle's."""

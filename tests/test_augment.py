@@ -39,3 +39,22 @@ def test_full_pipeline_keeps_image_statistics():
     out, labels = AugmentPipe(p=1, **EDM_AUGMENT)(images)
     assert torch.isfinite(out).all() and labels[:, 2:].abs().sum(dim=1).gt(0).float().mean() > 0.9
     assert abs(out.mean() - images.mean()) < 0.1 and abs(out.std() - images.std()) < 0.15
+
+def test_each_image_is_its_own_warp_or_untouched_whatever_else_is_in_the_batch(monkeypatch):
+    # The pipe warps the whole batch and picks per image (no host read of which moved); the result
+    # must be what warping that image alone gives, bit for bit, and unmoved images keep their pixels.
+    import training.augment as augment_module
+    seen = []
+    def spy(images, inverse_transform):
+        seen.append(inverse_transform)
+        return warp(images, inverse_transform)
+    monkeypatch.setattr(augment_module, 'warp', spy)
+    torch.manual_seed(3)
+    images = torch.randn(24, 3, 16, 16)
+    out, _labels = AugmentPipe(p=0.3, scale=1, rotate_frac=1, translate_frac=1)(images)
+    inverse = seen[0]
+    moved = (inverse - torch.eye(3)).abs().amax(dim=(1, 2)) > 1e-6
+    assert 0 < moved.sum() < len(images)
+    for k in range(len(images)):
+        expected = warp(images[k:k + 1], inverse[k:k + 1])[0] if moved[k] else images[k]
+        assert torch.equal(out[k], expected), k

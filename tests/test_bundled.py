@@ -37,3 +37,28 @@ def test_bundled_network_generates_digits_that_the_bundled_detector_scores(tmp_p
     assert fd_generated < fd_noise / 2
 
 #----------------------------------------------------------------------------
+
+def test_bundled_network_embeds_the_current_networks_source():
+    # The pickle carries the text of training/networks.py (NVIDIA's code executes it); a change to
+    # that file needs the pickle written again, which keeps its weights.
+    from training import checkpoint
+    net = checkpoint.load_network(os.path.join(BUNDLED, 'edm-digits-16x16.pkl'), native=False, verbose=False)
+    with open(os.path.join(REPO, 'training', 'networks.py')) as f:
+        current = f.read()
+    assert type(net)._orig_module_src == current, ('bundled/edm-digits-16x16.pkl embeds an older training/networks.py; re-export it: '
+        'python -m training.checkpoint --src=bundled/edm-digits-16x16.pkl --dest=bundled/edm-digits-16x16.pkl')
+
+def test_reexport_keeps_weights_and_outputs_and_embeds_current_source(tmp_path):
+    from conftest import legacy_networks_module, make_tiny_net, save_tiny_snapshot
+    from training import checkpoint
+    old = make_tiny_net(label_dim=3, networks_module=legacy_networks_module()) # Another module's source.
+    src = save_tiny_snapshot(tmp_path / 'old.pkl', old)
+    result = run_cli([sys.executable, '-m', 'training.checkpoint', f'--src={src}', f'--dest={tmp_path / "new.pkl"}'])
+    assert result.returncode == 0, result.stderr
+    new = checkpoint.load_network(str(tmp_path / 'new.pkl'), native=False, verbose=False)
+    with open(os.path.join(REPO, 'training', 'networks.py')) as f:
+        assert type(new)._orig_module_src == f.read() != type(old)._orig_module_src
+    import torch
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+    x, sigma, labels = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 8.0]), torch.eye(3)[:2]
+    assert torch.equal(new(x, sigma, labels), old(x, sigma, labels))

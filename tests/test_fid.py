@@ -1,5 +1,6 @@
 """fid.py and training/frechet.py: the exact Frechet distance, feature statistics, inputs and errors."""
 
+import hashlib
 import os
 import pickle
 import sys
@@ -131,8 +132,9 @@ def ref_npz(files):
 
 def test_ref_writes_the_mean_and_covariance_of_the_detector_features(files, ref_npz):
     with np.load(ref_npz) as ref:
-        assert sorted(ref.keys()) == ['detector', 'mu', 'sigma']
-        assert str(ref['detector']) == '../detector.pt' # Relative to the reference file.
+        assert sorted(ref.keys()) == ['detector', 'detector_sha256', 'mu', 'sigma']
+        assert str(ref['detector']) == 'detector.pt' # An identity to check, not a path to load.
+        assert str(ref['detector_sha256']) == hashlib.sha256(open(files['detector'], 'rb').read()).hexdigest()
         mu, sigma = detector_stats(files['data_images'])
         np.testing.assert_allclose(ref['mu'], mu, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(ref['sigma'], sigma, rtol=1e-5, atol=1e-7)
@@ -143,11 +145,32 @@ def test_calc_prints_the_frechet_distance_to_the_reference(files, ref_npz):
     assert fid_value(result) == pytest.approx(expected, rel=1e-5)
     assert 'fewer images than the 16 feature dimensions is biased' not in result.stderr # 40 images, 16 dimensions.
 
-def test_calc_uses_the_detector_recorded_in_the_reference_and_says_so(files, ref_npz):
-    result = run_ok('calc', '--images', files['generated'], '--ref', ref_npz, '--num=40', '--batch=7')
-    expected = frechet.frechet_distance(*detector_stats(files['images']), *detector_stats(files['data_images']))
-    assert fid_value(result) == pytest.approx(expected, rel=1e-5)
-    assert 'detector.pt (recorded in the reference statistics)' in result.output
+def test_calc_refuses_a_detector_other_than_the_one_recorded_in_the_reference(files, ref_npz, tmp_path):
+    other = save_torchscript(TinyInception(seed=1), tmp_path / 'detector.pt') # Same name, other weights.
+    result = run_fid('calc', '--images', files['generated'], '--ref', ref_npz, '--num=40', '--detector', other)
+    assert result.exit_code != 0 and 'was made with detector detector.pt (sha256' in result.output
+    # With no --detector, the default (Inception, offline here) is checked, never the recorded file loaded.
+    result = run_fid('calc', '--images', files['generated'], '--ref', ref_npz, '--num=40')
+    assert result.exit_code != 0 and 'inception-2015-12-05.pkl' in result.output
+
+def test_a_reference_never_chooses_the_code_that_runs(files, tmp_path):
+    """A crafted reference whose recorded detector is a malicious pickle next to it: nothing runs."""
+    marker = tmp_path / 'marker'
+    with open(tmp_path / 'evil.pkl', 'wb') as f:
+        pickle.dump(MakeFile(str(marker)), f)
+    mu, sigma = detector_stats(files['data_images'])
+    np.savez(tmp_path / 'ref.npz', mu=mu, sigma=sigma, detector=np.array('evil.pkl'))
+    result = run_fid('calc', '--images', files['generated'], '--ref', tmp_path / 'ref.npz', '--num=40', '--detector', files['detector'])
+    assert result.exit_code != 0 and 'was made with detector evil.pkl' in result.output
+    result = run_fid('calc', '--images', files['generated'], '--ref', tmp_path / 'ref.npz', '--num=40')
+    assert result.exit_code != 0
+    assert not marker.exists()
+
+class MakeFile:
+    def __init__(self, path):
+        self.path = path
+    def __reduce__(self):
+        return (open, (self.path, 'w'))
 
 def test_fewer_images_than_feature_dimensions_give_a_warning():
     assert 'fewer images than the 2048 feature dimensions is biased' in frechet.few_images_warning(2047)
@@ -201,7 +224,9 @@ def test_a_pickled_detector_module_works_like_its_torchscript_version(files, ref
     pickled_class = persistence.persistent_class(TinyInception)
     with open(tmp_path / 'detector.pkl', 'wb') as f:
         pickle.dump(pickled_class(), f)
-    common = ['calc', '--images', files['generated'], '--ref', ref_npz, '--num=40', '--workers=0']
+    with np.load(ref_npz) as ref: # EDM's format, which records no detector: both files are accepted.
+        np.savez(tmp_path / 'edm-ref.npz', mu=ref['mu'], sigma=ref['sigma'])
+    common = ['calc', '--images', files['generated'], '--ref', tmp_path / 'edm-ref.npz', '--num=40', '--workers=0']
     assert fid_value(run_ok(*common, '--detector', tmp_path / 'detector.pkl')) == pytest.approx(
         fid_value(run_ok(*common, '--detector', files['detector'])), rel=1e-6)
 
@@ -250,11 +275,11 @@ BAD_CALC_INPUTS = {
     'reference without mu':     (lambda t, f: ['--ref', np.savez(t / 'r.npz', mean=np.zeros(16)) or t / 'r.npz'], 'has no "mu" and "sigma"'),
     'reference not an npz':     (lambda t, f: ['--ref', _write(t / 'r.npz', 'hello')], 'Cannot read'),
     'reference is one array':   (lambda t, f: ['--ref', _npy(t / 'r.npz', np.zeros(3))], 'single .npy array'),
-    'reference with NaN':       (lambda t, f: ['--ref', np.savez(t / 'r.npz', mu=np.full(16, np.nan), sigma=np.eye(16)) or t / 'r.npz'], 'mu contains NaN'),
+    'reference with NaN':       (lambda t, f: ['--ref', np.savez(t / 'r.npz', mu=np.full(16, np.nan), sigma=np.eye(16)) or t / 'r.npz'], 'holds NaN or infinite values'),
     'reference of another dim': (lambda t, f: ['--ref', np.savez(t / 'r.npz', mu=np.zeros(8), sigma=np.eye(8)) or t / 'r.npz'], '8-dimensional features'),
     'missing detector':         (lambda t, f: ['--detector', t / 'nope.pt'], 'Detector file not found'),
     'detector is text':         (lambda t, f: ['--detector', _write(t / 'd.pkl', 'not a detector')], 'neither a TorchScript archive nor a pickled torch module'),
-    'detector is a zip':        (lambda t, f: ['--detector', np.savez(t / 'd.npz', x=1) or t / 'd.npz'], 'not a TorchScript archive'),
+    'detector is a zip':        (lambda t, f: ['--detector', np.savez(t / 'd.npz', x=1) or t / 'd.npz'], 'is an npz file, expected a TorchScript archive'),
     'detector is a dict':       (lambda t, f: ['--detector', _pickle(t / 'd.pkl', {'ema': 1})], 'holds a pickled dict'),
     'wrong image size':         (lambda t, f: ['--detector', save_torchscript(FixedSizeDetector(resolution=16), t / 'd.pt')], 'fails on uint8 images of 3x8x8'),
     'detector not features':    (lambda t, f: ['--detector', save_torchscript(torch.nn.Identity(), t / 'd.pt')], 'must return an [N, D] float feature matrix'),

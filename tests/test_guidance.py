@@ -241,7 +241,7 @@ def test_only_the_euler_evaluation_is_guided_and_the_term_enters_the_ode_directi
     scaled = epsilon_scaling.with_epsilon_scaling(denoise, eps_scaler=1.01)
     w = 1.5
     guided = dg.with_discriminator_guidance(scaled, guidance, weight_1st_order=w)
-    assert guided.second_order is scaled
+    assert guided.second_order is scaled.second_order # The unguided 2nd-order evaluation of what it wraps.
     latents = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     t_steps = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
     result = sampler.sample(guided, latents, t_steps, solver='heun')

@@ -126,3 +126,21 @@ def test_bad_optimal_denoiser_options_give_one_line(tmp_path, args, message):
     assert not (tmp_path / 'out').exists()
 
 #----------------------------------------------------------------------------
+
+def test_images_streamed_in_small_chunks_give_the_resident_result(images):
+    gen = torch.Generator().manual_seed(3)
+    x = images[:5].to(torch.float64) / 127.5 - 1 + 0.3 * torch.randn([5, 3, 8, 8], generator=gen, dtype=torch.float64)
+    resident = OptimalDenoiser(images, chunk_size=len(images), resident=True)(x, 0.3)
+    streamed = OptimalDenoiser(images, chunk_size=3, resident=False)(x, 0.3)
+    torch.testing.assert_close(streamed, resident, rtol=1e-12, atol=1e-12)
+    assert torch.equal(OptimalDenoiser(images, chunk_size=3, resident=True)(x, 0.3), streamed) # Same chunks, same numbers.
+
+def test_the_images_stay_in_host_memory_when_the_module_moves_and_go_to_a_gpu_only_when_they_fit(images):
+    denoiser = OptimalDenoiser(images).to(torch.device('meta'))
+    assert denoiser.images.device.type == 'cpu' and denoiser.half_sq_norms.is_meta
+    nbytes = images.numel() # uint8
+    assert denoiser.keeps_images_on('cuda', free_bytes=4 * nbytes) and not denoiser.keeps_images_on('cuda', free_bytes=nbytes)
+    assert not OptimalDenoiser(images, resident=False).keeps_images_on('cpu')
+    assert OptimalDenoiser(images, resident=True).keeps_images_on('cuda', free_bytes=0)
+    x = torch.zeros([2, 3, 8, 8], device='meta')
+    assert denoiser(x, 1.0).shape == x.shape # Streamed to a device they are not on.

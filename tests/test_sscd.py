@@ -71,6 +71,15 @@ def test_max_cosine_similarity_is_the_row_maximum_of_the_full_matrix():
     best = copy_detection.max_cosine_similarity(source, target, block_size=16)
     np.testing.assert_allclose(best.numpy(), full.max(axis=1), atol=1e-6)
 
+def test_block_by_block_normalization_gives_the_numbers_of_normalizing_everything_first():
+    rnd = np.random.default_rng(2)
+    source, target = rnd.standard_normal([45, 8]) * 3, rnd.standard_normal([70, 8]) * 0.2
+    unit = lambda x: copy_detection.l2_normalize(torch.as_tensor(x, dtype=torch.float64)).to(torch.float32)
+    whole = (unit(source) @ unit(target).T).max(dim=1).values
+    assert torch.equal(copy_detection.max_cosine_similarity(source, target, block_size=len(target)), whole)
+    blocked = copy_detection.max_cosine_similarity(source, target, block_size=7)
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=1e-6)
+
 #----------------------------------------------------------------------------
 # sscd.py feature with a TorchScript model built here.
 
@@ -105,6 +114,14 @@ def test_feature_writes_normalized_descriptors_of_resized_images(tmp_path, model
         features = npz['features']
     assert features.shape == (11, 24) and features.dtype == np.float32
     np.testing.assert_allclose(features, expected_features(images), atol=2e-6)
+
+def test_features_copied_out_of_the_device_in_small_chunks_are_the_same(tmp_path, model_path):
+    from training import image_sources
+    images = image_sources.open_images(write_image_folder(tmp_path / 'images', random_images(9, resolution=8, seed=6)))
+    model = copy_detection.load_sscd_model(model_path, verbose=False)
+    whole = copy_detection.sscd_features(model, images, batch_size=4, num_workers=0, progress=False)
+    one_row_at_a_time = copy_detection.sscd_features(model, images, batch_size=4, num_workers=0, progress=False, chunk_bytes=1)
+    assert whole.device.type == 'cpu' and whole.shape == (9, 24) and torch.equal(whole, one_row_at_a_time)
 
 def test_feature_reads_npz_samples_and_grayscale_images(tmp_path, model_path):
     gray = random_images(5, resolution=8, channels=1, seed=4)

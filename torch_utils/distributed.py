@@ -5,9 +5,12 @@ NCCL when the script runs on CUDA and Gloo otherwise, so a CPU-only machine can 
 Unlaunched, no process group is created at all and every collective here is a no-op.
 """
 
+import datetime
 import os
 
 import torch
+
+import dnnlib
 
 #----------------------------------------------------------------------------
 
@@ -35,6 +38,10 @@ def init(device=None):
 def _launched():
     return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
 
+def launched_world_size():
+    """How many processes torchrun started (1 when not launched), known before any process group exists."""
+    return int(os.environ['WORLD_SIZE']) if _launched() else 1
+
 def is_initialized():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -50,6 +57,40 @@ def get_local_rank():
 def barrier():
     if is_initialized():
         torch.distributed.barrier()
+
+#----------------------------------------------------------------------------
+# Downloads happen once per machine: local rank 0 fills the download cache while the other ranks
+# wait, then every rank loads in parallel (from the cache). Only the download is serialized;
+# reading a data set or building a network is each rank's own work and runs at the same time.
+# The wait runs on its own Gloo group with a timeout sized for a large file over a slow link
+# (NCCL's collective timeout, 10 minutes, would abort the waiting ranks during a 2 GB download).
+
+DOWNLOAD_TIMEOUT = datetime.timedelta(hours=3)
+_download_group = None
+
+def _wait_for_downloads():
+    global _download_group
+    if _download_group is None:
+        _download_group = torch.distributed.new_group(backend='gloo', timeout=DOWNLOAD_TIMEOUT)
+    torch.distributed.barrier(group=_download_group)
+
+def download_first_on_rank0(*paths):
+    """Fetch the URLs among `paths` into the download cache on local rank 0 of each machine, while
+    the other ranks wait; local paths and None are skipped. Collective: every rank calls it with the
+    same paths. A failed download is not raised here: every rank then tries the file itself and
+    reports the failure with the loader's own message."""
+    urls = [path for path in paths if isinstance(path, str) and dnnlib.util.is_url(path)]
+    if not urls or get_world_size() == 1:
+        return
+    if get_local_rank() == 0:
+        for url in urls:
+            try:
+                dnnlib.util.open_url(url, return_filename=True, verbose=(get_rank() == 0))
+            except Exception: # Reported by every rank when it loads the file.
+                pass
+    _wait_for_downloads()
+
+#----------------------------------------------------------------------------
 
 def all_reduce_sum(tensor):
     """Sum `tensor` in place over all ranks (identity when there is a single process)."""

@@ -13,31 +13,30 @@ import torch
 _constant_cache = {}
 
 def constant(value, shape=None, dtype=None, device=None, memory_format=None):
+    """`value` as a tensor (broadcast to `shape` if given), built once per distinct value, shape,
+    dtype, device and memory format and then shared: augmentation calls it on every batch."""
     value = np.asarray(value)
-    shape = tuple(shape) if shape is not None else None
-    dtype = dtype if dtype is not None else torch.get_default_dtype()
-    device = torch.device(device) if device is not None else torch.device('cpu')
-    memory_format = memory_format if memory_format is not None else torch.contiguous_format
-    key = (value.shape, value.dtype, value.tobytes(), shape, dtype, device, memory_format)
-    tensor = _constant_cache.get(key, None)
-    if tensor is None:
-        tensor = torch.as_tensor(value.copy(), dtype=dtype, device=device)
-        if shape is not None:
-            tensor = tensor.broadcast_to(shape)
-        tensor = tensor.contiguous(memory_format=memory_format)
-        _constant_cache[key] = tensor
-    return tensor
+    shape = None if shape is None else tuple(shape)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    device = torch.device('cpu' if device is None else device)
+    memory_format = torch.contiguous_format if memory_format is None else memory_format
+    key = (value.tobytes(), value.dtype, value.shape, shape, dtype, device, memory_format)
+    if key not in _constant_cache:
+        made = torch.as_tensor(value.copy(), dtype=dtype, device=device)
+        made = made if shape is None else made.broadcast_to(shape)
+        _constant_cache[key] = made.contiguous(memory_format=memory_format)
+    return _constant_cache[key]
 
 #----------------------------------------------------------------------------
 # Parameters and buffers.
 
-def params_and_buffers(module):
-    assert isinstance(module, torch.nn.Module)
-    return list(module.parameters()) + list(module.buffers())
-
 def named_params_and_buffers(module):
-    assert isinstance(module, torch.nn.Module)
-    return list(module.named_parameters()) + list(module.named_buffers())
+    """[(name, tensor)] of every parameter of `module`, then of every buffer: all a state_dict holds
+    apart from extra state."""
+    return [*module.named_parameters(), *module.named_buffers()]
+
+def params_and_buffers(module):
+    return [tensor for _name, tensor in named_params_and_buffers(module)]
 
 @torch.no_grad()
 def copy_params_and_buffers(src_module, dst_module, require_all=False):
@@ -63,24 +62,21 @@ def copy_params_and_buffers(src_module, dst_module, require_all=False):
 @contextlib.contextmanager
 def ddp_sync(module, sync):
     """Skip DDP's gradient all-reduce for all but the last accumulation round."""
-    if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
+    skip_all_reduce = isinstance(module, torch.nn.parallel.DistributedDataParallel) and not sync
+    with module.no_sync() if skip_all_reduce else contextlib.nullcontext():
         yield
-    else:
-        with module.no_sync():
-            yield
 
 def check_ddp_consistency(module, ignore_regex=None):
-    """Assert that every rank holds the same parameters and buffers (NaN counts as equal)."""
+    """Assert that every rank holds the same parameters and buffers as rank 0 (NaN counts as equal),
+    leaving out those whose 'ClassName.param.name' matches `ignore_regex`."""
     for name, tensor in named_params_and_buffers(module):
-        fullname = type(module).__name__ + '.' + name
-        if ignore_regex is not None and re.fullmatch(ignore_regex, fullname):
-            continue
-        tensor = tensor.detach()
-        if tensor.is_floating_point():
-            tensor = torch.nan_to_num(tensor)
-        other = tensor.clone()
-        torch.distributed.broadcast(tensor=other, src=0)
-        assert (tensor == other).all(), f'Parameter differs across ranks: {fullname}'
+        qualified_name = f'{type(module).__name__}.{name}'
+        if ignore_regex is None or not re.fullmatch(ignore_regex, qualified_name):
+            local = tensor.detach()
+            local = torch.nan_to_num(local) if local.is_floating_point() else local
+            from_rank0 = local.clone()
+            torch.distributed.broadcast(tensor=from_rank0, src=0)
+            assert torch.equal(local, from_rank0), f'Parameter differs across ranks: {qualified_name}'
 
 #----------------------------------------------------------------------------
 # Endless sampler over a dataset. The stream is a sequence of epochs, each a
@@ -118,38 +114,41 @@ class InfiniteSampler(torch.utils.data.Sampler):
 #----------------------------------------------------------------------------
 
 def print_module_summary(module, inputs, max_nesting=3):
-    """Print a table of submodules with their parameter counts and output shapes; returns outputs."""
-    assert isinstance(module, torch.nn.Module)
-    rows = []
-    hooks = []
-    depth = [0]
+    """Run module(*inputs) once and print a table of its calls: for every submodule at most
+    `max_nesting` levels below `module`, in the order the calls return, the parameters it holds
+    and the shapes it returned. Parameters of deeper submodules count in their ancestor's row at
+    the deepest level shown. Returns the outputs."""
+    # A module's level is that of the call that runs it: the children of a ModuleDict or ModuleList,
+    # which forward() never calls, sit at the container's own level.
+    depths, names = {}, {}
+    for name, mod in module.named_modules(): # Parents come before their children.
+        parent_name, _, _ = name.rpartition('.')
+        parent = module.get_submodule(parent_name) if name else None
+        is_container = isinstance(parent, (torch.nn.ModuleDict, torch.nn.ModuleList))
+        depths[mod] = 0 if parent is None else depths[parent] + (0 if is_container else 1)
+        names[mod] = name or '<top-level>'
+    calls = [] # (submodule, shapes of the tensors it returned)
 
-    def pre_hook(_mod, _inputs):
-        depth[0] += 1
+    def record_call(mod, _inputs, outputs):
+        returned = outputs if isinstance(outputs, (tuple, list)) else [outputs]
+        calls.append((mod, [list(t.shape) for t in returned if isinstance(t, torch.Tensor)]))
 
-    def post_hook(mod, _inputs, outputs):
-        depth[0] -= 1
-        if depth[0] <= max_nesting:
-            outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
-            shapes = [str(list(t.shape)) for t in outputs if isinstance(t, torch.Tensor)]
-            rows.append((mod, shapes))
+    handles = [mod.register_forward_hook(record_call) for mod, depth in depths.items() if depth <= max_nesting]
+    try:
+        outputs = module(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
 
-    for mod in module.modules():
-        hooks.append(mod.register_forward_pre_hook(pre_hook))
-        hooks.append(mod.register_forward_hook(post_hook))
-    outputs = module(*inputs)
-    for hook in hooks:
-        hook.remove()
-
-    names = {mod: name for name, mod in module.named_modules()}
     table = [('Module', 'Parameters', 'Output shape')]
-    for mod, shapes in rows:
-        num_params = sum(p.numel() for p in mod.parameters(recurse=False))
-        if num_params == 0 and len(list(mod.children())) > 0:
-            continue
-        table.append((names.get(mod, '?') or '<top-level>', str(num_params) if num_params else '-', ', '.join(shapes) or '-'))
+    for mod, shapes in calls:
+        deepest_shown = depths[mod] == max_nesting
+        num_params = sum(p.numel() for p in mod.parameters(recurse=deepest_shown))
+        if num_params == 0 and not deepest_shown and next(mod.children(), None) is not None:
+            continue # A container without weights of its own; its children have rows.
+        table.append((names[mod], str(num_params) if num_params else '-', ', '.join(map(str, shapes)) or '-'))
     table.append(('Total', str(sum(p.numel() for p in module.parameters())), ''))
-    widths = [max(len(row[c]) for row in table) for c in range(3)]
+    widths = [max(len(row[column]) for row in table) for column in range(len(table[0]))]
     for row in table:
         print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)))
     print()

@@ -39,44 +39,57 @@ def persistent_class(orig_class):
     assert isinstance(orig_class, type)
     if is_persistent(orig_class):
         return orig_class
-    orig_module = sys.modules[orig_class.__module__]
-    orig_module_src = _module_to_src(orig_module)
+    module_src = _module_to_src(sys.modules[orig_class.__module__])
 
-    class Decorator(orig_class):
-        _orig_module_src = orig_module_src
-        _orig_class_name = orig_class.__name__
+    # The persistent class is a subclass that records its constructor arguments and reduces to
+    # _reconstruct_persistent_obj(meta); everything else is the original class.
+    def __init__(self, *args, **kwargs):
+        super(persistent, self).__init__(*args, **kwargs)
+        _record_init_args(self, args, kwargs)
+        _check_pickleable(self.__reduce__())
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            record = getattr(self, '_record_init_args', True)
-            self._init_args = copy.deepcopy(args) if record else None
-            self._init_kwargs = copy.deepcopy(kwargs) if record else None
-            _check_pickleable(self.__reduce__())
+    def __reduce__(self):
+        return _reduce_with_source(self, super(persistent, self).__reduce__())
 
-        @property
-        def init_args(self):
-            assert self._init_args is not None, 'constructor arguments were not recorded'
-            return copy.deepcopy(self._init_args)
+    namespace = dict(
+        __init__=__init__, __reduce__=__reduce__, init_args=_recorded_init_args, init_kwargs=_recorded_init_kwargs,
+        _orig_module_src=module_src, _orig_class_name=orig_class.__name__,
+        __module__=orig_class.__module__, __qualname__=orig_class.__qualname__, __doc__=orig_class.__doc__,
+    )
+    persistent = type(orig_class)(orig_class.__name__, (orig_class,), namespace)
+    _decorators.add(persistent)
+    return persistent
 
-        @property
-        def init_kwargs(self):
-            assert self._init_kwargs is not None, 'constructor arguments were not recorded'
-            return dnnlib.EasyDict(copy.deepcopy(self._init_kwargs))
+# The attribute names _init_args and _init_kwargs are part of the pickled state that NVIDIA's
+# code reads back, so they stay as they are.
 
-        def __reduce__(self):
-            parts = list(super().__reduce__())
-            parts += [None] * max(3 - len(parts), 0)
-            if parts[0] is not _reconstruct_persistent_obj:
-                meta = dict(type='class', version=_version, module_src=self._orig_module_src,
-                    class_name=self._orig_class_name, state=parts[2])
-                parts[0:3] = [_reconstruct_persistent_obj, (meta,), None]
-            return tuple(parts)
+def _record_init_args(obj, args, kwargs):
+    record = getattr(obj, '_record_init_args', True)
+    obj._init_args = copy.deepcopy(args) if record else None
+    obj._init_kwargs = copy.deepcopy(kwargs) if record else None
 
-    Decorator.__name__ = orig_class.__name__
-    Decorator.__qualname__ = orig_class.__qualname__
-    Decorator.__module__ = orig_class.__module__
-    _decorators.add(Decorator)
-    return Decorator
+def _recorded(attribute, wrap):
+    def getter(self):
+        value = getattr(self, attribute)
+        assert value is not None, 'constructor arguments were not recorded (_record_init_args = False)'
+        return wrap(copy.deepcopy(value))
+    return property(getter, doc=f'A copy of the recorded constructor arguments ({attribute}).')
+
+_recorded_init_args = _recorded('_init_args', lambda args: args)
+_recorded_init_kwargs = _recorded('_init_kwargs', dnnlib.EasyDict)
+
+def _reduce_with_source(obj, default):
+    """Turn the default reduce value (callable, args, state, ...) into _reconstruct_persistent_obj(meta).
+
+    The meta dict carries the module source, the class name and the state that the default
+    would have restored; items after the state (list or dict items) pass through. A value that
+    already reduces to _reconstruct_persistent_obj (a decorated class's subclass) is kept.
+    """
+    default = tuple(default) + (None,) * (3 - len(default))
+    if default[0] is _reconstruct_persistent_obj:
+        return default
+    meta = dict(type='class', version=_version, module_src=obj._orig_module_src, class_name=obj._orig_class_name, state=default[2])
+    return (_reconstruct_persistent_obj, (meta,), None) + default[3:]
 
 #----------------------------------------------------------------------------
 

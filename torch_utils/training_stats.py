@@ -22,17 +22,13 @@ _counters = {}                  # name -> {device: tensor of moments}
 
 def report(name, value):
     """Accumulate the elements of `value` under `name`; returns `value` unchanged."""
-    if name not in _counters:
-        _counters[name] = {}
-    elems = torch.as_tensor(value)
-    if elems.numel() == 0:
-        return value
-    elems = elems.detach().flatten().to(_reduce_dtype)
-    moments = torch.stack([torch.ones_like(elems).sum(), elems.sum(), elems.square().sum()])
-    device = moments.device
-    if device not in _counters[name]:
-        _counters[name][device] = torch.zeros_like(moments)
-    _counters[name][device].add_(moments)
+    per_device = _counters.setdefault(name, {}) # Even an empty report makes the name known to every rank.
+    values = torch.as_tensor(value)
+    if values.numel() > 0:
+        values = values.detach().flatten().to(_reduce_dtype)
+        count, total, total_of_squares = torch.ones_like(values).sum(), values.sum(), values.square().sum()
+        moments = torch.stack([count, total, total_of_squares])
+        per_device.setdefault(moments.device, torch.zeros_like(moments)).add_(moments)
     return value
 
 def report0(name, value):

@@ -42,7 +42,8 @@ def warp(images, inverse_transform):
     """Resample images at `inverse_transform @ (output pixel)`; borders are mirrored."""
     N, C, H, W = images.shape
     to_pixels = torch.diag(torch.tensor([W / 2, H / 2, 1.0], device=images.device)) # Normalized [-1, 1] -> centered pixels.
-    theta = torch.linalg.inv(to_pixels) @ inverse_transform @ to_pixels
+    from_pixels = torch.linalg.inv_ex(to_pixels).inverse # inv_ex: no singularity check, which would read back from the GPU.
+    theta = from_pixels @ inverse_transform @ to_pixels
     grid = torch.nn.functional.affine_grid(theta[:, :2, :], size=[N, C, H * 2, W * 2], align_corners=False)
     fine = torch.nn.functional.grid_sample(images, grid, mode='bicubic', padding_mode='reflection', align_corners=False)
     return torch.nn.functional.avg_pool2d(fine, 2)
@@ -119,11 +120,11 @@ class AugmentPipe:
             inverse = inverse @ translate2d(-w[0] * (W * self.translate_frac_std), -w[1] * (H * self.translate_frac_std))
             labels += [w[0], w[1]]
             transformed = True
-        if transformed: # Resampling blurs a little, so only images that actually moved are resampled.
+        if transformed: # Resampling blurs a little, so images that did not move keep their pixels.
+            # The whole batch is warped and each image picks its own result: selecting the moved
+            # ones instead (moved.any(), images[moved]) would read the mask back every step.
             moved = (inverse - torch.eye(3, device=device)).abs().amax(dim=(1, 2)) > 1e-6
-            if moved.any():
-                images = images.clone()
-                images[moved] = warp(images[moved], inverse[moved])
+            images = torch.where(moved[:, None, None, None], warp(images, inverse), images)
 
         return images, torch.cat([x.to(torch.float32).reshape(N, -1) for x in labels], dim=1)
 

@@ -102,16 +102,39 @@ def load_sscd_model(path_or_url=SSCD_URL, device=torch.device('cpu'), verbose=Tr
     module = feature_detectors.load_torch_module(path_or_url, what='SSCD model', device=device, verbose=verbose)
     return SSCDModel(module, path_or_url)
 
-def sscd_features(model, dataset, batch_size=64, num_workers=2, device=torch.device('cpu'), progress=True):
-    """float32 [N, D] L2-normalized descriptors of all images of `dataset`, in dataset order, on every rank."""
+FEATURE_CHUNK_BYTES = 256 << 20 # Device memory for features on their way to host memory, and per all-reduce.
+
+def sscd_features(model, dataset, batch_size=64, num_workers=2, device=torch.device('cpu'), progress=True, chunk_bytes=FEATURE_CHUNK_BYTES):
+    """float32 [N, D] L2-normalized descriptors of all images of `dataset`, in dataset order, on every
+    rank, in host memory.
+
+    The full matrix lives in host memory only (ImageNet's 1.28M x 512 features are 2.6 GB): the
+    device holds at most chunk_bytes of finished features before they are copied out, and the sum
+    over ranks runs chunk by chunk of rows. Each row is filled by exactly one rank and the others
+    add zeros, so the chunking changes no number.
+    """
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    features = torch.zeros([len(dataset), model.feature_dim], dtype=torch.float32, device=device)
+    features = torch.zeros([len(dataset), model.feature_dim], dtype=torch.float32)
+    rows_per_chunk = max(chunk_bytes // (4 * model.feature_dim), 1)
     batches = dataset_lib.rank_batch_indices(len(dataset), batch_size, rank, world_size)
     loader = dataset_lib.iterate_image_batches(dataset, batch_size, rank, world_size, num_workers=num_workers)
+    pending_indices, pending_features = [], []
+    def copy_out():
+        if pending_indices:
+            features[torch.cat(pending_indices)] = torch.cat(pending_features).cpu()
+            pending_indices.clear(), pending_features.clear()
     # Resizing here rather than in the loader's workers costs little next to the network.
     for indices, (images, _labels) in zip(batches, tqdm.tqdm(loader, total=len(batches), unit='batch', disable=(not progress or rank != 0))):
-        features[indices.to(device)] = model(sscd_input(images.to(device)))
-    return dist.all_reduce_sum(features) # Each row is filled by exactly one rank, the others add zeros.
+        pending_indices.append(indices)
+        pending_features.append(model(sscd_input(images.to(device))).to(torch.float32))
+        if sum(len(i) for i in pending_indices) >= rows_per_chunk:
+            copy_out()
+    copy_out()
+    if world_size > 1:
+        reduce_device = device if torch.device(device).type == 'cuda' else torch.device('cpu') # NCCL reduces device tensors only.
+        for rows in features.split(rows_per_chunk):
+            rows.copy_(dist.all_reduce_sum(rows.to(reduce_device)).cpu())
+    return features
 
 #----------------------------------------------------------------------------
 # Scores.
@@ -129,16 +152,18 @@ def max_cosine_similarity(source, target, block_size=4096, progress=False):
     """For each source row, the largest cosine similarity to any target row: float32 [N_source].
 
     Blocks of block_size x block_size similarities are computed by float32 matrix products and
-    reduced at once; memory use is O(block_size^2 + (N_source + N_target) * D).
+    reduced at once. Rows are normalized block by block as they are used (a row's normalization
+    does not depend on its neighbours), so beyond the inputs themselves the memory use is
+    O(block_size^2 + block_size * D), never another copy of the whole feature matrices.
     """
-    source = l2_normalize(torch.as_tensor(source, dtype=torch.float64)).to(torch.float32)
-    target = l2_normalize(torch.as_tensor(target, dtype=torch.float64)).to(torch.float32)
+    source, target = torch.as_tensor(source), torch.as_tensor(target)
+    unit_rows = lambda rows: l2_normalize(rows.to(torch.float64)).to(torch.float32)
     best = torch.full([source.shape[0]], -float('inf'), dtype=torch.float32)
     source_blocks = list(range(0, source.shape[0], block_size))
     for start in tqdm.tqdm(source_blocks, unit='block', disable=not progress):
-        rows = source[start:start + block_size]
+        rows = unit_rows(source[start:start + block_size])
         for t_start in range(0, target.shape[0], block_size):
-            block = rows @ target[t_start:t_start + block_size].T
+            block = rows @ unit_rows(target[t_start:t_start + block_size]).T
             best[start:start + block_size] = torch.maximum(best[start:start + block_size], block.max(dim=1).values)
     return best
 
@@ -154,11 +179,12 @@ def count_matched(source, target, threshold=DEFAULT_THRESHOLD, block_size=4096, 
     close = ((best - threshold).abs() <= tolerance).nonzero().flatten()
     matched = best > threshold
     if len(close):
-        source64 = l2_normalize(torch.as_tensor(source, dtype=torch.float64)[close])
-        target64 = l2_normalize(torch.as_tensor(target, dtype=torch.float64))
+        source64 = l2_normalize(torch.as_tensor(source)[close].to(torch.float64))
+        target = torch.as_tensor(target)
         best64 = torch.full([len(close)], -float('inf'), dtype=torch.float64)
-        for t_start in range(0, target64.shape[0], block_size):
-            best64 = torch.maximum(best64, (source64 @ target64[t_start:t_start + block_size].T).max(dim=1).values)
+        for t_start in range(0, target.shape[0], block_size):
+            target64 = l2_normalize(target[t_start:t_start + block_size].to(torch.float64))
+            best64 = torch.maximum(best64, (source64 @ target64.T).max(dim=1).values)
         matched[close] = best64 > threshold
     return int(matched.sum())
 

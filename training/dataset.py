@@ -6,7 +6,6 @@ and train.py / fid.py rebuild the dataset from them. For the same arguments it y
 images, labels and `max_size` subset in the same order.
 """
 
-import json
 import os
 import zipfile
 
@@ -15,6 +14,7 @@ import PIL.Image
 import torch
 
 import dnnlib
+from training import safety
 
 #----------------------------------------------------------------------------
 
@@ -134,15 +134,14 @@ class Dataset(torch.utils.data.Dataset):
             self._label_shape = list(self._raw_labels.shape[1:])
 
         # The subset is EDM's: shuffle all indices with the seed, keep the first max_size, sort.
-        self._raw_idx = np.arange(self._raw_shape[0], dtype=np.int64)
-        if max_size is not None and self._raw_idx.size > max_size:
-            np.random.RandomState(random_seed % (1 << 31)).shuffle(self._raw_idx)
-            self._raw_idx = np.sort(self._raw_idx[:max_size])
-
-        self._xflip = np.zeros(self._raw_idx.size, dtype=np.uint8)
-        if xflip:
-            self._raw_idx = np.tile(self._raw_idx, 2)
-            self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
+        kept = np.arange(self._raw_shape[0], dtype=np.int64)
+        if max_size is not None and kept.size > max_size:
+            np.random.RandomState(random_seed % (1 << 31)).shuffle(kept)
+            kept = np.sort(kept[:max_size])
+        # With xflip, the kept images appear twice: as they are, then mirrored.
+        copies = 2 if xflip else 1
+        self._raw_idx = np.tile(kept, copies)
+        self._xflip = np.repeat(np.arange(copies, dtype=np.uint8), kept.size)
 
     def _load_raw_image(self, raw_idx): # CHW uint8 array; overridden by subclasses.
         raise NotImplementedError
@@ -206,22 +205,16 @@ class Dataset(torch.utils.data.Dataset):
         assert self.image_shape[1] == self.image_shape[2]
         return self.image_shape[1]
 
-    @property
-    def label_shape(self):
-        return list(self._label_shape)
+    # Labels: int64 class indices are handed out as one-hot vectors of max + 1 classes, float labels as
+    # stored; a dataset without labels has label_shape [0], so label_dim 0 means unconditional.
+    label_shape = property(lambda self: list(self._label_shape))
+    has_labels = property(lambda self: any(self._label_shape))
+    has_onehot_labels = property(lambda self: self._raw_labels.dtype == np.int64)
 
     @property
     def label_dim(self):
-        assert len(self.label_shape) == 1
-        return self.label_shape[0]
-
-    @property
-    def has_labels(self):
-        return any(x != 0 for x in self.label_shape)
-
-    @property
-    def has_onehot_labels(self):
-        return self._raw_labels.dtype == np.int64
+        (dim,) = self._label_shape # Networks take label vectors; a [N, A, B] label array has no label_dim.
+        return dim
 
 #----------------------------------------------------------------------------
 # Images found recursively in a folder or zip, in sorted order of their relative paths.
@@ -334,7 +327,9 @@ class ImageFolderDataset(Dataset):
         where = f'{fname} in {self._path}'
         try:
             with self._open_file(fname) as f:
-                meta = json.load(f)
+                meta = safety.load_json_capped(f, where)
+        except safety.TooLarge as e:
+            raise DatasetError(str(e)) from e
         except (OSError, ValueError) as e:
             raise DatasetError(f'Cannot read {where}: {e}') from e
         if not isinstance(meta, dict) or meta.get('labels') is None:

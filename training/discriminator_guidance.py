@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from training import adm_encoder
+from training import denoisers
 
 #----------------------------------------------------------------------------
 # The VP-SDE the classifier and discriminator were trained on.
@@ -67,10 +68,14 @@ def vp_importance_antiderivative(t):
     return torch.log(torch.expm1(vp_integral_beta(t)))
 
 def sample_importance_time(num, t_min=1e-5, generator=None, device=None):
-    """num float32 VP times drawn with density proportional to beta(t) / std(t)^2 on [t_min, 1]."""
+    """num float32 VP times drawn with density proportional to beta(t) / std(t)^2 on [t_min, 1].
+
+    Drawn on `device` (default: the generator's), which is where the generator has to live.
+    """
+    device = torch.device(device) if device is not None else (generator.device if generator is not None else torch.device('cpu'))
     t_min = torch.tensor(t_min, dtype=torch.float64)
     a_min, a_max = vp_importance_antiderivative(t_min), vp_importance_antiderivative(torch.tensor(1.0, dtype=torch.float64))
-    u = torch.rand(num, generator=generator, dtype=torch.float64, device=generator.device if generator is not None else None)
+    u = torch.rand(num, generator=generator, dtype=torch.float64, device=device)
     integral = torch.log1p(torch.exp(a_min + u * (a_max - a_min))) # I(t)
     b = VP_BETA_MAX - VP_BETA_MIN
     t = (torch.sqrt(VP_BETA_MIN ** 2 + 2 * b * integral) - VP_BETA_MIN) / b
@@ -85,7 +90,10 @@ def importance_density(t, t_min=1e-5):
     return beta / std ** 2 / z
 
 def diffuse(images, t, generator=None):
-    """VP-perturbed images: mean(t) x + std(t) z for images in [-1, 1] and times t [N]."""
+    """VP-perturbed images: mean(t) x + std(t) z for images in [-1, 1] and times t [N].
+
+    z is drawn on the images' device, so `generator` must live there too (CUDA refuses a CPU one).
+    """
     mean, std = vp_marginal(t.to(images.dtype))
     z = torch.randn(images.shape, generator=generator, dtype=images.dtype, device=images.device)
     return mean[:, None, None, None] * images + std[:, None, None, None] * z
@@ -186,25 +194,28 @@ class Boosting:
 def with_discriminator_guidance(denoise, guidance, class_labels=None, weight_1st_order=1.0, weight_2nd_order=0.0, boosting=None):
     """Wrap a denoiser (x, sigma, step) -> D so that its Euler evaluations return D - w c (see above).
 
-    The result carries `second_order`, the denoiser for the sampler's 2nd-order correction: the
-    unguided one unless weight_2nd_order != 0. weight_1st_order = 0 returns `denoise` itself.
+    A training.denoisers.Denoiser: its second order is the 2nd-order evaluation of `denoise`,
+    unguided unless weight_2nd_order != 0, and with `boosting` its churn is the boosting's per-sample
+    churn. weight_1st_order = weight_2nd_order = 0 returns `denoise` itself.
     """
     if weight_1st_order == 0 and weight_2nd_order == 0:
         return denoise
-    def guided(weight, use_boosting):
+    inner = denoisers.as_denoiser(denoise)
+    if boosting is not None and inner.churn is not None:
+        raise ValueError('boosting adds per-sample churn to a denoiser that already has its own')
+    def guided(evaluate, weight, use_boosting):
         def denoise_guided(x, sigma, step):
-            denoised = denoise(x, sigma, step)
+            denoised = evaluate(x, sigma, step)
             c, log_r = guidance.correction(x, sigma, class_labels)
             w = torch.full([x.shape[0]], float(weight), dtype=torch.float64, device=x.device)
             if use_boosting and boosting is not None:
                 w = w * boosting.weight_factor(step, log_r).to(x.device)
             return denoised - w.to(x.dtype)[:, None, None, None] * c
         return denoise_guided
-    first = guided(weight_1st_order, True) if weight_1st_order != 0 else (lambda x, sigma, step: denoise(x, sigma, step))
-    first.second_order = guided(weight_2nd_order, False) if weight_2nd_order != 0 else denoise
-    if boosting is not None:
-        first.churn = boosting.churn
-    return first
+    first = guided(inner.first_order, weight_1st_order, True) if weight_1st_order != 0 else (lambda x, sigma, step: inner.first_order(x, sigma, step))
+    second = guided(inner.second_order, weight_2nd_order, False) if weight_2nd_order != 0 else inner.second_order
+    layer = f'discriminator_guidance(weight_1st_order={weight_1st_order!r}, weight_2nd_order={weight_2nd_order!r}, boosting={boosting is not None})'
+    return denoisers.Denoiser(first, second, boosting.churn if boosting is not None else inner.churn, inner.layers + (layer,))
 
 #----------------------------------------------------------------------------
 # Checkpoints: plain state dicts in guided-diffusion's layout (`32x32_classifier.pt`,

@@ -22,6 +22,8 @@ the Euler evaluation of its generalized sampler, not the 2nd-order correction; b
 here by wrapping the denoiser, which every evaluation goes through.
 """
 
+from training import denoisers
+
 #----------------------------------------------------------------------------
 
 def eps_scaler_at(step, eps_scaler=1.0, kappa=0.0):
@@ -39,14 +41,17 @@ def check_eps_scaler(eps_scaler, kappa, num_steps):
 def with_epsilon_scaling(denoise, eps_scaler=1.0, kappa=0.0):
     """Wrap a denoiser (x, sigma, step) -> D so that its predicted noise is divided by lambda_i.
 
-    With eps_scaler=1 and kappa=0 the denoiser itself is returned, so the sampler is bit-identical
-    to the plain one.
+    Both evaluations of a step are scaled; the second order and the churn of `denoise` are kept
+    (training/denoisers.py). With eps_scaler=1 and kappa=0 the denoiser itself is returned, so the
+    sampler is bit-identical to the plain one.
     """
     if eps_scaler == 1 and kappa == 0:
         return denoise
-    def denoise_scaled(x, sigma, step):
-        denoised = denoise(x, sigma, step)
-        return x - (x - denoised) / eps_scaler_at(step, eps_scaler, kappa)
-    return denoise_scaled
+    def scale(evaluate):
+        def denoise_scaled(x, sigma, step):
+            denoised = evaluate(x, sigma, step)
+            return x - (x - denoised) / eps_scaler_at(step, eps_scaler, kappa)
+        return denoise_scaled
+    return denoisers.transformed(denoise, scale, f'epsilon_scaling(eps_scaler={eps_scaler!r}, kappa={kappa!r})')
 
 #----------------------------------------------------------------------------

@@ -40,24 +40,31 @@ from training import sampler as sampler_lib
 #----------------------------------------------------------------------------
 
 class StepRecorder:
-    """Wraps a denoiser; at the first evaluation of every sampling step records the mean L2 norm of
-    the predicted noise and the mean per-sample variance of x, summed over all batches."""
+    """Watches a denoiser; at the first evaluation of every sampling step records the mean L2 norm of
+    the predicted noise and the mean per-sample variance of x, summed over all batches.
 
-    def __init__(self, denoise):
+    `observe` is the hook for training.denoisers.observed (generation.compose's observe_network);
+    calling the recorder as a denoiser evaluates and observes `denoise`.
+    """
+
+    def __init__(self, denoise=None):
         self.denoise = denoise
         self.eps_norm_sum = {}
         self.variance_sum = {}
         self.count = {}
         self._last_step = None
 
-    def __call__(self, x, sigma, step):
-        denoised = self.denoise(x, sigma, step)
+    def observe(self, x, sigma, step, denoised):
         if step != self._last_step: # The Euler evaluation; a Heun correction of the same step is not recorded.
             eps = (x - denoised) / torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, *([1] * (x.ndim - 1)))
             self.eps_norm_sum[step] = self.eps_norm_sum.get(step, 0.0) + float(eps.flatten(1).norm(dim=1).sum())
             self.variance_sum[step] = self.variance_sum.get(step, 0.0) + float(x.flatten(1).var(dim=1).sum())
             self.count[step] = self.count.get(step, 0) + x.shape[0]
         self._last_step = step
+
+    def __call__(self, x, sigma, step):
+        denoised = self.denoise(x, sigma, step)
+        self.observe(x, sigma, step, denoised)
         return denoised
 
     def new_batch(self):
@@ -70,13 +77,7 @@ class StepRecorder:
 
 def sampler_sigmas(net, sampler_kwargs):
     """The noise level of the first evaluation of each step of the configured sampler."""
-    kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
-    if generation.uses_ablation_sampler(kwargs):
-        keys = ['num_steps', 'sigma_min', 'sigma_max', 'rho', 'discretization', 'epsilon_s', 'C_1', 'C_2', 'M']
-        sigma_steps, _ = sampler_lib.ablation_sigma_steps(net, **{k: kwargs[k] for k in keys if k in kwargs})
-        return net.round_sigma(sigma_steps).to(torch.float64)
-    keys = ['num_steps', 'sigma_min', 'sigma_max', 'rho']
-    return sampler_lib.edm_time_steps(net, **{k: kwargs[k] for k in keys if k in kwargs})[:-1]
+    return sampler_lib.plan_from_settings(net, sampler_kwargs).sigma_steps
 
 #----------------------------------------------------------------------------
 
@@ -86,18 +87,17 @@ def consecutive_statistics(net, seeds, sampler_kwargs, eps_scaler=1.0, kappa=0.0
     The recorded eps is the network's own, before epsilon scaling; the trajectories follow the
     scaled sampler, as they would in generation. `progress`: a tqdm description to show a bar per batch.
     """
-    kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
-    sampler_fn = sampler_lib.ablation_sampler if generation.uses_ablation_sampler(kwargs) else sampler_lib.edm_sampler
-    recorder = StepRecorder(None)
+    corrections = generation.Corrections(eps_scaler=eps_scaler, kappa=kappa)
+    recorder = StepRecorder()
     batches = generation.rank_batches(seeds, batch_size)
     for batch_seeds in tqdm.tqdm(batches, desc=progress, unit='batch', leave=False, disable=(progress is None)):
         rnd = sampler_lib.StackedRandomGenerator(device, batch_seeds)
         latents = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
         labels = generation.class_labels_for_seeds(net, rnd, len(batch_seeds), device=device)
-        recorder.denoise = sampler_lib.network_denoiser(net, labels)
+        denoise = generation.compose(net, labels, corrections, observe_network=recorder.observe)
         recorder.new_batch()
         with torch.no_grad():
-            sampler_fn(net, latents, labels, randn_like=rnd.randn_like, denoise=epsilon_scaling.with_epsilon_scaling(recorder, eps_scaler, kappa), **kwargs)
+            sampler_lib.run_settings(net, latents, labels, randn_like=rnd.randn_like, denoise=denoise, sampler_kwargs=sampler_kwargs)
     return recorder.means()
 
 def single_step_statistics(net, images, labels, sigmas, seed=0, batch_size=256, progress=None):

@@ -12,13 +12,17 @@ so any resolution works with it; a custom detector that does not resize must be 
 size it was built for, and the dry run says so when it cannot take them.
 """
 
+import hashlib
 import io
 import inspect
+import os
 import pickle
 
 import torch
 
 import dnnlib
+from training import bundled
+from training import safety
 
 #----------------------------------------------------------------------------
 
@@ -40,6 +44,10 @@ def load_torch_module(path_or_url, what='detector', device=torch.device('cpu'), 
 
     `what` names the file in error messages ("detector", "SSCD model").
     """
+    return load_torch_module_and_hash(path_or_url, what, device, verbose)[0]
+
+def load_torch_module_and_hash(path_or_url, what='detector', device=torch.device('cpu'), verbose=True):
+    """(module, sha256 hex digest of the file's bytes): the hash is the file's identity in reference statistics."""
     try:
         with dnnlib.util.open_url(path_or_url, verbose=verbose) as f:
             data = f.read()
@@ -48,13 +56,17 @@ def load_torch_module(path_or_url, what='detector', device=torch.device('cpu'), 
     except dnnlib.util.DownloadError as e:
         raise DetectorError(f'Could not get the {what}: {e}') from e
 
+    sha256 = hashlib.sha256(data).hexdigest()
     if data[:4] == b'PK\x03\x04': # Zip archive: TorchScript (torch.save files are zips too, but hold no code).
         try:
             module = torch.jit.load(io.BytesIO(data), map_location=device)
         except Exception as e: # torch.jit.load reports bad archives with assorted exception types.
             raise DetectorError(f'{path_or_url} is a zip file but not a TorchScript archive ({short_reason(e)}); '
                 f'save the {what} with torch.jit.save(torch.jit.script(model), path)') from e
+    elif data[:6] == b'\x93NUMPY':
+        raise DetectorError(f'{path_or_url} is a .npy array, expected a TorchScript archive or a pickled torch module')
     else:
+        safety.warn_code_executes(path_or_url, what)
         try:
             module = pickle.loads(data)
         except Exception as e: # Anything unpicklable fails in its own way; all mean "not a module pickle".
@@ -66,7 +78,7 @@ def load_torch_module(path_or_url, what='detector', device=torch.device('cpu'), 
     module.eval()
     for param in module.parameters(): # ScriptModules have no requires_grad_().
         param.requires_grad_(False)
-    return module
+    return module, sha256
 
 def accepts_keyword(module, name):
     """Does module.forward take an argument called `name` (TorchScript or Python)?"""
@@ -136,7 +148,21 @@ def load_feature_detector(path_or_url=INCEPTION_URL, image_shape=(3, 32, 32), de
     c = image_shape[0]
     if c not in (1, 3):
         raise DetectorError(f'Images have {c} channels; feature detectors take RGB (3) or grayscale (1) images')
-    module = load_torch_module(path_or_url, what='detector', device=device, verbose=verbose)
-    return FeatureDetector(module, path_or_url, [3, *image_shape[1:]])
+    module, sha256 = load_torch_module_and_hash(path_or_url, what='detector', device=device, verbose=verbose)
+    detector = FeatureDetector(module, path_or_url, [3, *image_shape[1:]])
+    detector.sha256 = sha256
+    return detector
+
+def default_detector(recorded=None):
+    """The detector to use when the user names none: the bundled one if the reference statistics
+    record its identity, else EDM's Inception. A reference never names a file to load; what it
+    records is only checked against the detector used (training/frechet.py check_detector)."""
+    if recorded is not None and identity_name(recorded['name']) == os.path.basename(bundled.DETECTOR):
+        return bundled.DETECTOR
+    return INCEPTION_URL
+
+def identity_name(path_or_url):
+    """A detector's name in reference statistics: its file name (of a path or of a URL)."""
+    return str(path_or_url).replace('\\', '/').rstrip('/').rsplit('/', 1)[-1]
 
 #----------------------------------------------------------------------------

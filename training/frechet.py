@@ -25,6 +25,7 @@ import tqdm
 import dnnlib
 from torch_utils import distributed as dist
 from training import dataset as dataset_lib
+from training import feature_detectors
 
 #----------------------------------------------------------------------------
 
@@ -155,7 +156,7 @@ def load_stats(path_or_url, verbose=True, with_detector=False):
     the file by save_stats (None for EDM's reference files, which are made with Inception)."""
     try:
         with dnnlib.util.open_url(path_or_url, verbose=verbose) as f:
-            npz = np.load(f)
+            npz = np.load(f, allow_pickle=False)
             if not isinstance(npz, np.lib.npyio.NpzFile):
                 raise StatsError(f'{path_or_url} is a single .npy array, not an .npz file with "mu" and "sigma"')
             with npz:
@@ -164,7 +165,7 @@ def load_stats(path_or_url, verbose=True, with_detector=False):
                     raise StatsError(f'{path_or_url} has no "mu" and "sigma" arrays (it has: {list_names(keys)}); '
                         f'make reference statistics with "fid.py ref"')
                 mu, sigma = npz['mu'].astype(np.float64), npz['sigma'].astype(np.float64)
-                detector = str(npz['detector']) if 'detector' in keys else None
+                detector = recorded_identity(npz, keys, path_or_url)
     except (FileNotFoundError, IsADirectoryError) as e:
         raise StatsError(f'Reference statistics not found: {path_or_url}') from e
     except dnnlib.util.DownloadError as e:
@@ -173,27 +174,49 @@ def load_stats(path_or_url, verbose=True, with_detector=False):
         raise StatsError(f'Cannot read {path_or_url} as an .npz file ({type(e).__name__}: {e})') from e
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
         raise StatsError(f'{path_or_url} holds mu of shape {list(mu.shape)} and sigma of shape {list(sigma.shape)}; expected [D] and [D, D]')
+    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
+        raise StatsError(f'{path_or_url} holds NaN or infinite values in mu or sigma; make the reference statistics again with "fid.py ref"')
     return (mu, sigma, detector) if with_detector else (mu, sigma)
 
 def save_stats(path, mu, sigma, detector=None):
-    """Write EDM's reference format atomically. `detector` (a URL, or a path relative to the
-    file's folder) is recorded under an extra key, so that fid.py calc can use the same one."""
+    """Write EDM's reference format atomically. `detector` (the detector's path or URL, or a
+    dict(name=..., sha256=...)) is recorded by name and file hash, so that fid.py calc can check that
+    it is given the same detector; it never decides what gets loaded."""
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    extra = dict(detector=np.array(detector)) if detector is not None else {}
+    extra = {}
+    if detector is not None:
+        identity = detector if isinstance(detector, dict) else dict(name=detector, sha256=None)
+        extra['detector'] = np.array(feature_detectors.identity_name(identity['name']))
+        if identity.get('sha256'):
+            extra['detector_sha256'] = np.array(identity['sha256'])
     with dnnlib.util.atomic_write(path) as f:
         np.savez(f, mu=mu, sigma=sigma, **extra)
 
-def detector_for_record(detector_path, stats_path):
-    """How to record a detector in a statistics file: URLs as they are, local files relative to it."""
-    if dnnlib.util.is_url(detector_path, allow_file_urls=True):
-        return detector_path
-    return os.path.relpath(os.path.abspath(detector_path), os.path.dirname(os.path.abspath(stats_path)))
+def recorded_identity(npz, keys, where):
+    """dict(name, sha256) of the detector recorded in a statistics file, or None (EDM's files).
 
-def recorded_detector(detector, stats_path):
-    """Resolve a detector recorded by save_stats: URLs as they are, paths relative to the file."""
-    if detector is None or dnnlib.util.is_url(detector, allow_file_urls=True) or os.path.isabs(detector) or dnnlib.util.is_url(stats_path):
-        return detector
-    return os.path.join(os.path.dirname(os.path.abspath(stats_path)), detector)
+    Older files record a relative path or URL under `detector`: only its file name is kept."""
+    if 'detector' not in keys:
+        return None
+    name, sha256 = npz['detector'], npz['detector_sha256'] if 'detector_sha256' in keys else None
+    if name.dtype.kind != 'U' or name.ndim != 0 or (sha256 is not None and (sha256.dtype.kind != 'U' or sha256.ndim != 0)):
+        raise StatsError(f'{where} records its detector as a {name.dtype} array, expected a string')
+    return dict(name=feature_detectors.identity_name(str(name)), sha256=str(sha256) if sha256 is not None else None)
+
+def check_detector(recorded, detector, stats_path):
+    """StatsError unless `detector` (a loaded FeatureDetector) is the one recorded in the statistics."""
+    if recorded is None:
+        return
+    name = feature_detectors.identity_name(detector.source)
+    if recorded['sha256'] is not None:
+        same = recorded['sha256'] == getattr(detector, 'sha256', None)
+    else:
+        same = recorded['name'] == name
+    if not same:
+        made = recorded['name'] + (f' (sha256 {recorded["sha256"][:12]}...)' if recorded['sha256'] else '')
+        raise StatsError(f'{stats_path} was made with detector {made}, not with {detector.source}'
+            + (f' (sha256 {detector.sha256[:12]}...)' if recorded['sha256'] and getattr(detector, 'sha256', None) else '')
+            + '; pass that detector with --detector')
 
 #----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Seeds are split over ranks and batches exactly as NVIDIA EDM's generate.py does,
 number of an image comes from its own seed's generator, so an image depends only on its seed.
 """
 
+import dataclasses
 import os
 import re
 
@@ -15,6 +16,9 @@ import dnnlib
 from torch_utils import distributed as dist
 from training import bundled
 from training import checkpoint
+from training import denoisers
+from training import discriminator_guidance as dg_lib
+from training import epsilon_scaling
 from training import molrg
 from training import optimal_denoiser as optimal_denoiser_lib
 from training import sampler as sampler_lib
@@ -136,10 +140,17 @@ def seeds_in_npz_files(outdir):
         if not re.fullmatch(r'samples_.*\.npz', fname):
             continue
         path = os.path.join(outdir, fname)
-        with np.load(path) as npz:
-            if 'seeds' not in npz.files:
-                raise ValueError(f'{path} does not record its seeds, so --resume cannot tell which are done; move it out of --outdir')
-            done.update(int(seed) for seed in npz['seeds'])
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                if 'seeds' not in npz.files:
+                    raise ValueError(f'{path} does not record its seeds, so --resume cannot tell which are done; move it out of --outdir')
+                done.update(int(seed) for seed in npz['seeds'])
+        except ValueError as e:
+            if 'does not record its seeds' in str(e):
+                raise
+            raise ValueError(f'{path} is not a readable .npz file ({e}); a killed write? Remove it and run again') from e
+        except Exception as e: # BadZipFile, EOFError, OSError: a damaged file.
+            raise ValueError(f'{path} is not a readable .npz file ({type(e).__name__}); a killed write? Remove it and run again') from e
     return done
 
 def load_image(path):
@@ -185,24 +196,63 @@ def min_eval_batch(device):
     (the BLAS switches kernels and thread partitions; measured: up to about 1.6 x threads rows),
     and batch-1 convolutions take another algorithm. Short batches are therefore padded with
     throw-away samples up to this size. Larger batches are already in the stable regime, which is
-    also where NVIDIA EDM's own batches are, so this keeps its images too.
+    also where NVIDIA EDM's own batches are, so this keeps its images too. On GPUs no padding
+    (1): cuDNN picks its algorithms per shape anyway, and the padded samples would cost GPU time.
     """
-    return max(16, 4 * torch.get_num_threads()) if torch.device(device).type == 'cpu' else 16
+    return max(16, 4 * torch.get_num_threads()) if torch.device(device).type == 'cpu' else 1
 
 def uses_ablation_sampler(sampler_kwargs):
     """EDM's rule: any of --solver/--disc/--schedule/--scaling selects the generalized sampler."""
-    return any(sampler_kwargs.get(k) is not None for k in ('solver', 'discretization', 'schedule', 'scaling'))
+    return sampler_lib.uses_ablation_sampler(sampler_kwargs)
+
+#----------------------------------------------------------------------------
+# The denoiser of a run: every tool that samples builds it here (training/denoisers.py says what
+# a denoiser is).
+
+@dataclasses.dataclass(frozen=True)
+class Corrections:
+    """The exposure-bias corrections of a run, as generate.py's flags give them."""
+    eps_scaler: float = 1.0           # Epsilon scaling (training/epsilon_scaling.py): lambda_i = eps_scaler + kappa * i.
+    kappa: float = 0.0
+    guidance: object = None           # discriminator_guidance.DiscriminatorGuidance, or None.
+    guidance_cond: bool = False       # The discriminator takes the class labels.
+    dg_weight_1st_order: float = 0.0
+    dg_weight_2nd_order: float = 0.0
+    boosting: bool = False            # DG's boosting; a fresh state per composed denoiser (per batch).
+
+def compose(net, class_labels=None, corrections=Corrections(), observe_network=None):
+    """The denoiser of `net` with `corrections`, in SEDM-G++'s order:
+
+        network -> epsilon scaling -> discriminator guidance
+
+    so that guidance's term is added to the scaled denoiser and not scaled itself. Corrections that
+    are off add nothing (the result is then bit-identical to the plain network's).
+    observe_network(x, sigma, step, denoised) -- optional; sees the network's own output, before
+    any correction (the eps-norm measurements record it).
+    """
+    denoise = denoisers.network(net, class_labels)
+    if observe_network is not None:
+        denoise = denoisers.observed(denoise, observe_network)
+    denoise = epsilon_scaling.with_epsilon_scaling(denoise, corrections.eps_scaler, corrections.kappa)
+    if corrections.guidance is not None:
+        denoise = dg_lib.with_discriminator_guidance(denoise, corrections.guidance, class_labels if corrections.guidance_cond else None,
+            corrections.dg_weight_1st_order, corrections.dg_weight_2nd_order, boosting=dg_lib.Boosting() if corrections.boosting else None)
+    return denoisers.as_denoiser(denoise)
+
+#----------------------------------------------------------------------------
 
 def generate_images(net, seeds, max_batch_size=64, class_idx=None, device=torch.device('cpu'), sampler_kwargs={},
-    make_denoiser=None, rank=0, world_size=1):
+    make_denoiser=None, rank=0, world_size=1, corrections=None):
     """Yield EasyDict(seeds, images, labels) per batch of this rank: uint8 NHWC numpy images.
 
     sampler_kwargs -- arguments of edm_sampler / ablation_sampler; None values mean default.
-    make_denoiser  -- optional (net, class_labels) -> denoiser, e.g. with epsilon scaling or
-                      guidance around the network; default: the network itself.
+    corrections    -- optional Corrections: the denoiser of each batch is compose(net, labels, corrections).
+    make_denoiser  -- optional (net, class_labels) -> denoiser instead; default: the network itself.
     """
+    if corrections is not None:
+        assert make_denoiser is None
+        make_denoiser = lambda net, class_labels: compose(net, class_labels, corrections)
     sampler_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
-    sampler_fn = sampler_lib.ablation_sampler if uses_ablation_sampler(sampler_kwargs) else sampler_lib.edm_sampler
     for batch_seeds in rank_batches(seeds, max_batch_size, rank, world_size):
         batch_seeds = [int(seed) for seed in batch_seeds]
         batch_size = len(batch_seeds)
@@ -212,7 +262,7 @@ def generate_images(net, seeds, max_batch_size=64, class_idx=None, device=torch.
         class_labels = class_labels_for_seeds(net, rnd, len(eval_seeds), class_idx, device)
         denoise = make_denoiser(net, class_labels) if make_denoiser is not None else None
         with torch.no_grad():
-            images = sampler_fn(net, latents, class_labels, randn_like=rnd.randn_like, denoise=denoise, **sampler_kwargs)
+            images = sampler_lib.run_settings(net, latents, class_labels, randn_like=rnd.randn_like, denoise=denoise, sampler_kwargs=sampler_kwargs)
         labels = class_labels[:batch_size].argmax(dim=1).cpu().numpy() if class_labels is not None else None
         yield dnnlib.EasyDict(seeds=batch_seeds, images=to_uint8(images[:batch_size]), labels=labels)
 

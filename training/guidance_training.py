@@ -55,6 +55,46 @@ def save_state_dict(path, module):
     with dnnlib.util.atomic_write(path) as f:
         torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, f)
 
+def set_backend_flags():
+    """The cuDNN / TF32 settings of EDM's training loop: autotuned convolutions, full float32 matmuls."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+
+class EpochMeans:
+    """Sums of the loss and of the hits over an epoch, kept on the training device: reading a GPU
+    value stalls the queue, so the sums are read once per log (every `log_every` batches), not per step."""
+    def __init__(self, device, log_every=100):
+        self.sums = torch.zeros([2], dtype=torch.float64, device=device)
+        self.class_sums = None # [hits, count] x [generated, real], for the discriminator's balanced accuracy.
+        self.count = 0
+        self.log_every = log_every
+
+    def add(self, loss, hits, num):
+        self.sums += torch.stack([loss.detach().to(torch.float64) * num, hits.detach().to(torch.float64)])
+        self.count += num
+
+    def add_classes(self, correct, labels):
+        """Per-class hits of a binary task (labels 0 = generated, 1 = real), for the balanced accuracy."""
+        if self.class_sums is None:
+            self.class_sums = torch.zeros([2, 2], dtype=torch.float64, device=self.sums.device)
+        self.class_sums[0].index_add_(0, labels.long(), correct.detach().to(torch.float64))
+        self.class_sums[1].index_add_(0, labels.long(), torch.ones_like(correct, dtype=torch.float64))
+
+    def read(self):
+        loss, hits = (self.sums / max(self.count, 1)).tolist()
+        means = dict(loss=loss, accuracy=hits)
+        if self.class_sums is not None: # The mean of the accuracies on generated and on real images.
+            means['balanced_accuracy'] = float((self.class_sums[0] / self.class_sums[1].clamp(min=1)).mean())
+        return means
+
+    def show(self, bar, batch_idx, last):
+        if not bar.disable and ((batch_idx + 1) % self.log_every == 0 or last):
+            means = self.read()
+            extra = {'balanced_acc': f'{means["balanced_accuracy"]:.3f}'} if 'balanced_accuracy' in means else {}
+            bar.set_postfix(loss=f'{means["loss"]:.4f}', acc=f'{means["accuracy"]:.3f}', **extra)
+
 def shuffled_batches(num, batch_size, generator):
     """Index batches of a seeded permutation; the last, short batch is dropped (as DG's loader)."""
     perm = torch.randperm(num, generator=generator)
@@ -84,22 +124,23 @@ def train_discriminator(classifier, real_images, fake_images, outdir, real_label
     total = len(real_images) + len(fake_images)
     class_weights = torch.cat([torch.full([len(real_images)], total / (2 * len(real_images))), torch.full([len(fake_images)], total / (2 * len(fake_images)))])
     labels = torch.cat([real_labels, fake_labels]) if cond else None
-    gen = torch.Generator().manual_seed(seed)
+    order_gen = torch.Generator().manual_seed(seed) # Batch order: indices into the images, which stay in host memory.
+    noise_gen = torch.Generator(device).manual_seed(seed) # Times and noise, drawn where the images are trained on.
     resolution = images.shape[-1]
-    batches = shuffled_batches(len(images), batch_size, gen)
+    batches = shuffled_batches(len(images), batch_size, order_gen)
     if len(batches) == 0:
         raise ValueError(f'--batch={batch_size} is more than the {len(images)} real and generated images together')
+    set_backend_flags()
 
     history = []
     os.makedirs(outdir, exist_ok=True)
     for epoch in range(1, epochs + 1):
-        losses, hits, count = 0.0, 0.0, 0
-        class_hits, class_count = torch.zeros(2), torch.zeros(2) # [generated, real]
+        means = EpochMeans(device)
         bar = tqdm.tqdm(batches, desc=f'epoch {epoch}/{epochs}', unit='batch', disable=not progress)
-        for idx in bar:
+        for batch_idx, idx in enumerate(bar):
             x0 = to_model_range(images[idx]).to(device)
-            t = dg.sample_importance_time(len(idx), generator=gen).to(device)
-            x_t = dg.diffuse(x0, t, generator=gen)
+            t = dg.sample_importance_time(len(idx), generator=noise_gen, device=device)
+            x_t = dg.diffuse(x0, t, generator=noise_gen)
             t_in = dg.classifier_time(t, resolution)
             with torch.no_grad():
                 features = classifier.features(x_t, t_in)
@@ -110,26 +151,25 @@ def train_discriminator(classifier, real_images, fake_images, outdir, real_label
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses += float(loss.detach()) * len(idx)
-            correct = ((logits > 0).float() == y).float().cpu()
-            hits += float(correct.sum())
-            count += len(idx)
-            class_hits.index_add_(0, y.long().cpu(), correct)
-            class_count.index_add_(0, y.long().cpu(), torch.ones_like(correct))
-            balanced = float((class_hits / class_count.clamp(min=1)).mean())
-            bar.set_postfix(loss=f'{losses / count:.4f}', acc=f'{hits / count:.3f}', balanced_acc=f'{balanced:.3f}')
-        history.append(dict(epoch=epoch, loss=losses / count, accuracy=hits / count, balanced_accuracy=balanced))
+            correct = ((logits > 0).float() == y).float()
+            means.add(loss, correct.sum(), len(idx))
+            means.add_classes(correct, y)
+            means.show(bar, batch_idx, last=(batch_idx == len(batches) - 1))
+        history.append(dict(epoch=epoch, **means.read()))
         save_state_dict(os.path.join(outdir, f'discriminator_{epoch}.pt'), disc)
-        batches = shuffled_batches(len(images), batch_size, gen)
+        batches = shuffled_batches(len(images), batch_size, order_gen)
     return disc.eval(), history
 
 #----------------------------------------------------------------------------
 
 def rotate_for_self_supervision(x, generator):
-    """Each image rotated by k * 90 degrees, k uniform in 0..3; returns (images, k)."""
-    k = torch.randint(4, [x.shape[0]], generator=generator)
-    rotated = torch.stack([torch.rot90(img, int(r), dims=(1, 2)) for img, r in zip(x, k)])
-    return rotated, k
+    """Each (square) image rotated by k * 90 degrees, k uniform in 0..3; returns (images, k).
+
+    All four rotations are made and each image picks its own, which reads no k back to the host.
+    """
+    k = torch.randint(4, [x.shape[0]], generator=generator, device=x.device)
+    rotations = torch.stack([torch.rot90(x, r, dims=(2, 3)) for r in range(4)])
+    return rotations[k, torch.arange(x.shape[0], device=x.device)], k
 
 def train_classifier(images, outdir, labels=None, epochs=10, batch_size=128, lr=3e-4, weight_decay=0.05,
     model_channels=128, num_res_blocks=None, t_min=1e-5, seed=0, device=torch.device('cpu'), progress=True):
@@ -143,32 +183,33 @@ def train_classifier(images, outdir, labels=None, epochs=10, batch_size=128, lr=
     net = adm_encoder.EncoderUNet(**adm_encoder.classifier_kwargs(resolution, model_channels=model_channels,
         num_res_blocks=num_res_blocks, num_outputs=num_outputs, in_channels=images.shape[1])).to(device).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay) # ADM's classifier optimizer.
-    gen = torch.Generator().manual_seed(seed)
-    if len(shuffled_batches(len(images), batch_size, gen)) == 0:
+    order_gen = torch.Generator().manual_seed(seed) # Batch order: indices into the images, which stay in host memory.
+    noise_gen = torch.Generator(device).manual_seed(seed) # Rotations, times and noise, drawn where the images are trained on.
+    if len(shuffled_batches(len(images), batch_size, order_gen)) == 0:
         raise ValueError(f'--batch={batch_size} is more than the {len(images)} images')
+    set_backend_flags()
 
     history = []
     os.makedirs(outdir, exist_ok=True)
     for epoch in range(1, epochs + 1):
-        losses, hits, count = 0.0, 0.0, 0
-        bar = tqdm.tqdm(shuffled_batches(len(images), batch_size, gen), desc=f'epoch {epoch}/{epochs}', unit='batch', disable=not progress)
-        for idx in bar:
-            x0 = to_model_range(images[idx])
-            y = labels[idx] if labels is not None else None
+        means = EpochMeans(device)
+        batches = shuffled_batches(len(images), batch_size, order_gen)
+        bar = tqdm.tqdm(batches, desc=f'epoch {epoch}/{epochs}', unit='batch', disable=not progress)
+        for batch_idx, idx in enumerate(bar):
+            x0 = to_model_range(images[idx]).to(device)
+            y = labels[idx].to(device) if labels is not None else None
             if y is None:
-                x0, y = rotate_for_self_supervision(x0, gen)
-            t = torch.rand(len(idx), generator=gen) * (1 - t_min) + t_min
-            x_t = dg.diffuse(x0, t, generator=gen).to(device)
-            logits = net(x_t, dg.classifier_time(t, resolution).to(device))
-            loss = torch.nn.functional.cross_entropy(logits, y.to(device))
+                x0, y = rotate_for_self_supervision(x0, noise_gen)
+            t = torch.rand(len(idx), generator=noise_gen, device=device) * (1 - t_min) + t_min
+            x_t = dg.diffuse(x0, t, generator=noise_gen)
+            logits = net(x_t, dg.classifier_time(t, resolution))
+            loss = torch.nn.functional.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses += float(loss.detach()) * len(idx)
-            hits += float((logits.argmax(dim=1).cpu() == y).float().sum())
-            count += len(idx)
-            bar.set_postfix(loss=f'{losses / count:.4f}', acc=f'{hits / count:.3f}')
-        history.append(dict(epoch=epoch, loss=losses / count, accuracy=hits / count))
+            means.add(loss, (logits.argmax(dim=1) == y).sum(), len(idx))
+            means.show(bar, batch_idx, last=(batch_idx == len(batches) - 1))
+        history.append(dict(epoch=epoch, **means.read()))
         save_state_dict(os.path.join(outdir, f'classifier_{epoch}.pt'), net)
     return net.eval(), history
 

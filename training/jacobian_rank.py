@@ -23,6 +23,7 @@ optimal denoiser of a dataset, or a closed-form Gaussian-mixture denoiser.
 
 import torch
 
+from training import generation
 from training import sampler as sampler_lib
 
 #----------------------------------------------------------------------------
@@ -145,13 +146,12 @@ def sampling_trajectory(net, latents, class_labels=None, randn_like=torch.randn_
     not included). `net` is anything with the preconditioned-network interface.
     """
     points = []
-    network_denoise = sampler_lib.network_denoiser(net, class_labels)
-    def recording_denoise(x, sigma, step):
+    def record(x, sigma, step, _denoised):
         if len(points) == step:
             points.append((x.detach().clone(), float(sigma)))
-        return network_denoise(x, sigma, step)
+    denoise = generation.compose(net, class_labels, observe_network=record)
     with torch.no_grad():
-        sampler_lib.edm_sampler(net, latents, class_labels, randn_like=randn_like, denoise=recording_denoise, **sampler_kwargs)
+        sampler_lib.edm_sampler(net, latents, class_labels, randn_like=randn_like, denoise=denoise, **sampler_kwargs)
     return points
 
 def network_function(net, sigma, class_labels=None):

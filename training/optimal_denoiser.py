@@ -13,6 +13,12 @@ softmax, so only x.y_i - ||y_i||^2 / 2 is needed), and the softmax is accumulate
 maximum (log-sum-exp), so nothing of size batch x N x C x H x W is ever formed and tiny sigma far
 from every image gives no NaN. The original takes two passes over the data (one for the maximum,
 one for the sums), each broadcasting x - y_i over pixels.
+
+Where the images live: in host memory, always; on the device of x too when they fit (a copy made at
+the first call there, when the images take at most RESIDENT_FRACTION of the device's free memory).
+Otherwise, e.g. ImageNet-64's 15 GB of uint8 pixels on a 16 GB GPU, each call streams them from
+(pinned) host memory in chunks of `chunk_size` images; the arithmetic is the same chunk by chunk,
+so both paths give the same numbers. `resident=True/False` forces one path.
 """
 
 import torch
@@ -20,6 +26,8 @@ import torch
 from training import dataset as dataset_lib
 
 #----------------------------------------------------------------------------
+
+RESIDENT_FRACTION = 0.5 # Of the device's free memory; the rest is for the sampler's and the chunks' working memory.
 
 def images_to_float64(images):
     """uint8 images -> float64 in [-1, 1], the networks' data range."""
@@ -35,6 +43,7 @@ class OptimalDenoiser(torch.nn.Module):
     def __init__(self,
         images,                 # uint8 [N, C, H, W] images (the empirical distribution).
         chunk_size  = 1024,     # Images per step of the streamed pass; bounds the working memory.
+        resident    = None,     # Copy the images to the device of x: True, False (stream them), None = if they fit.
     ):
         super().__init__()
         images = torch.as_tensor(images)
@@ -45,15 +54,55 @@ class OptimalDenoiser(torch.nn.Module):
         self.sigma_min = 0
         self.sigma_max = float('inf')
         self.chunk_size = chunk_size
-        self.register_buffer('images', images.reshape(images.shape[0], -1))
-        self.register_buffer('half_sq_norms', torch.cat([images_to_float64(chunk).square().sum(dim=1) * 0.5 for chunk in self.images.split(chunk_size)]))
+        self.resident = resident
+        # Not a buffer: .to(device) moves the module, never the whole data set (see the module docstring).
+        self.host_images = images.reshape(images.shape[0], -1)
+        if torch.cuda.is_available():
+            try:
+                self.host_images = self.host_images.pin_memory() # Chunks then copy asynchronously.
+            except RuntimeError: # Too much to pin: pageable memory works too, with synchronous copies.
+                pass
+        self.register_buffer('half_sq_norms', torch.cat([images_to_float64(chunk).square().sum(dim=1) * 0.5 for chunk in self.host_images.split(chunk_size)]))
+        self._device_images = None
 
     @classmethod
-    def from_dataset(cls, path, chunk_size=1024, num_workers=2):
-        """All images of a dataset folder or zip, loaded once into memory (uint8)."""
+    def from_dataset(cls, path, chunk_size=1024, num_workers=2, resident=None):
+        """All images of a dataset folder or zip, loaded once into host memory (uint8)."""
         dataset = dataset_lib.ImageFolderDataset(path)
         images = torch.cat([images for images, _labels in dataset_lib.iterate_image_batches(dataset, 256, num_workers=num_workers)])
-        return cls(images, chunk_size=chunk_size)
+        return cls(images, chunk_size=chunk_size, resident=resident)
+
+    @property
+    def images(self):
+        """uint8 [N, C * H * W] images, in host memory."""
+        return self.host_images
+
+    def keeps_images_on(self, device, free_bytes=None):
+        """Whether the images are copied to `device` (True) or streamed to it per call (False).
+        free_bytes: the device's free memory; default: asked from CUDA."""
+        device = torch.device(device)
+        if self.resident is not None or device == self.host_images.device:
+            return self.resident is not False
+        if device.type != 'cuda':
+            return False
+        if free_bytes is None:
+            free_bytes, _total = torch.cuda.mem_get_info(device)
+        return self.host_images.nbytes <= RESIDENT_FRACTION * free_bytes
+
+    def image_chunks(self, device):
+        """The images in chunks of chunk_size, on `device`: from a resident copy, or copied now."""
+        device = torch.device(device)
+        if not self.keeps_images_on(device):
+            return (chunk.to(device, non_blocking=True) for chunk in self.host_images.split(self.chunk_size))
+        if device == self.host_images.device:
+            return self.host_images.split(self.chunk_size)
+        if self._device_images is None or self._device_images.device != device:
+            self._device_images = self.host_images.to(device)
+        return self._device_images.split(self.chunk_size)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._device_images = None # A device copy belongs to the device the module was on.
+        return super()._apply(fn, *args, **kwargs)
 
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
@@ -69,7 +118,7 @@ class OptimalDenoiser(torch.nn.Module):
         running_max = torch.full([x.shape[0], 1], -float('inf'), dtype=torch.float64, device=x.device)
         weight_sum = torch.zeros([x.shape[0], 1], dtype=torch.float64, device=x.device)
         weighted_images = torch.zeros_like(x)
-        for images, half_sq_norms in zip(self.images.split(self.chunk_size), self.half_sq_norms.split(self.chunk_size)):
+        for images, half_sq_norms in zip(self.image_chunks(x.device), self.half_sq_norms.to(x.device).split(self.chunk_size)):
             y = images_to_float64(images)
             logits = (x @ y.T - half_sq_norms) * inv_var # -||x - y||^2 / (2 sigma^2) + a constant per row.
             new_max = torch.maximum(running_max, logits.max(dim=1, keepdim=True).values)

@@ -6,7 +6,10 @@ denoiser `denoise(x, sigma, step) -> D(x; sigma)` (float64), so that
 
 - epsilon scaling, discriminator guidance and the optimal denoiser are denoisers that wrap or
   replace the network one (training/epsilon_scaling.py, training/discriminator_guidance.py,
-  training/optimal_denoiser.py);
+  training/optimal_denoiser.py); what a denoiser is (its first- and second-order evaluations and
+  optional per-sample churn) is written down in training/denoisers.py, and
+  training.generation.compose puts the corrections together;
+- which time steps, ODE and solver a set of flags means is decided once, by plan_from_settings;
 - the ODE (sigma(t), s(t)) and the time steps are plain values you can print and test;
 - time shift decides, per sample, where a step starts or lands (training/time_shift.py).
 
@@ -16,6 +19,8 @@ operations of NVIDIA EDM's generate.py, so the same pickle and seeds give the sa
 
 import numpy as np
 import torch
+
+from training import denoisers
 
 #----------------------------------------------------------------------------
 # Noise level discretizations. Each returns the float64 noise levels
@@ -97,18 +102,27 @@ def ablation_ode(schedule='linear', scaling='none', vp_beta_d=19.9, vp_beta_min=
     return ProbabilityFlowODE(sigma, sigma_deriv, sigma_inv, s, s_deriv, name=f'schedule={schedule},scaling={scaling}')
 
 #----------------------------------------------------------------------------
-# Denoisers. A denoiser is any callable (x, sigma, step) -> float64 D(x; sigma)
-# with x at noise level sigma (no VP scaling), sigma a float64 scalar tensor or
-# one value per sample, and `step` the index i of the sampling step.
+# Denoisers: what the loop calls, see training/denoisers.py (a plain callable
+# (x, sigma, step) -> float64 D(x; sigma) is one without extra parts).
 
 def network_denoiser(net, class_labels=None):
     """The plain denoiser of a preconditioned network (VPPrecond, EDMPrecond, ...)."""
-    def denoise(x, sigma, step):
-        return net(x, sigma, class_labels).to(torch.float64)
-    return denoise
+    return denoisers.network(net, class_labels)
 
 #----------------------------------------------------------------------------
 # The loop.
+
+def churn_gamma(S_churn, num_steps, sigma_cur, S_min=0, S_max=float('inf')):
+    """EDM Algorithm 2's gamma_i = min(S_churn / N, sqrt(2) - 1) where S_min <= sigma_i <= S_max, else 0.
+
+    S_churn is one number or a float64 tensor of one per sample; gamma is then a float64 tensor of
+    the same shape (a 0-d one for a number, whose products are those of the number). Without churn
+    gamma is 0 and sigma_i, which time shift makes per-sample, is not compared.
+    """
+    if not torch.is_tensor(S_churn) and S_churn == 0:
+        return 0
+    in_range = float(S_min <= sigma_cur <= S_max)
+    return torch.as_tensor(S_churn / num_steps, dtype=torch.float64).clip(max=np.sqrt(2) - 1) * in_range
 
 def sample(denoise, latents, t_steps, ode=None, solver='heun', randn_like=torch.randn_like,
     round_sigma=torch.as_tensor, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, time_shift=None):
@@ -116,10 +130,10 @@ def sample(denoise, latents, t_steps, ode=None, solver='heun', randn_like=torch.
 
     t_steps     -- float64 times t_0 > ... > t_{N-1} > t_N = 0 (of the ODE's time variable).
     ode         -- ProbabilityFlowODE; default EDMProbabilityFlowODE().
-    solver      -- 'euler' or 'heun' (2nd order correction on all but the last step). The correction
-                   calls `denoise.second_order` where the denoiser has one, else `denoise`.
-                   A denoiser may also have `churn(step, S_churn, S_noise)` returning per-sample
-                   (S_churn, S_noise) tensors [N] for a step, or None for the usual churn.
+    denoise     -- a training.denoisers.Denoiser or a plain callable (x, sigma, step) -> D. Its
+                   parts are used explicitly: first_order for the Euler evaluation, second_order
+                   for the Heun correction, churn for per-sample (S_churn, S_noise).
+    solver      -- 'euler' or 'heun' (2nd order correction on all but the last step).
     randn_like  -- noise source for churn (per-seed generators in generate.py).
     round_sigma -- snaps noise levels onto those the network supports (iDDPM).
     S_*         -- stochastic churn of EDM Algorithm 2.
@@ -132,9 +146,9 @@ def sample(denoise, latents, t_steps, ode=None, solver='heun', randn_like=torch.
         raise ValueError('time shift works with deterministic sampling only (S_churn=0)')
     num_steps = len(t_steps) - 1
     sigma, s = ode.sigma, ode.s
-    denoise_2nd = getattr(denoise, 'second_order', denoise) # Discriminator guidance leaves the 2nd-order evaluation unguided.
-    churn_hook = getattr(denoise, 'churn', None)
-    if churn_hook is not None and time_shift is not None:
+    denoiser = denoisers.as_denoiser(denoise)
+    denoise_1st, denoise_2nd = denoiser.first_order, denoiser.second_order
+    if denoiser.churn is not None and time_shift is not None:
         raise ValueError('per-sample churn (boosting) and time shift cannot be combined')
 
     t_next = t_steps[0]
@@ -148,18 +162,16 @@ def sample(denoise, latents, t_steps, ode=None, solver='heun', randn_like=torch.
         # Increase the noise temporarily (churn). The noise is drawn at every
         # step, as in EDM, so that each seed's random stream does not depend on
         # S_min/S_max.
-        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_churn > 0 and S_min <= sigma(t_cur) <= S_max else 0
-        noise_scale = S_noise
-        per_sample = churn_hook(i, S_churn, S_noise) if churn_hook is not None else None
-        if per_sample is not None: # Per-sample (S_churn, S_noise), e.g. boosting of discriminator guidance.
-            churn, noise_scale = (v.to(torch.float64).reshape(-1, 1, 1, 1) for v in per_sample)
-            gamma = (churn / num_steps).clip(max=np.sqrt(2) - 1) * float(S_min <= sigma(t_cur) <= S_max)
+        # (S_churn, S_noise) are the flags' scalars, or per-sample [N, 1, 1, 1] (boosting of
+        # discriminator guidance); gamma has their shape.
+        churn, noise_scale = (v.to(torch.float64).reshape(-1, 1, 1, 1) if torch.is_tensor(v) else v for v in denoiser.churn_at(i, S_churn, S_noise))
+        gamma = churn_gamma(churn, num_steps, sigma(t_cur), S_min, S_max)
         t_hat = ode.sigma_inv(round_sigma(sigma(t_cur) + gamma * sigma(t_cur)))
         x_hat = s(t_hat) / s(t_cur) * x_cur + (sigma(t_hat) ** 2 - sigma(t_cur) ** 2).clip(min=0).sqrt() * s(t_hat) * noise_scale * randn_like(x_cur)
 
         # Euler step.
         h = t_land - t_hat
-        denoised = denoise(x_hat / s(t_hat), sigma(t_hat), i)
+        denoised = denoise_1st(x_hat / s(t_hat), sigma(t_hat), i)
         d_cur = ode.direction(x_hat, t_hat, denoised)
         x_next = x_hat + h * d_cur
 
@@ -186,13 +198,16 @@ def edm_time_steps(net, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, devi
     sigma_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=device)
     return torch.cat([net.round_sigma(sigma_steps), torch.zeros_like(sigma_steps[:1])])
 
+def edm_plan(net, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, device=None):
+    """EDM Algorithm 2's SamplingPlan: its time steps, sigma(t) = t, s(t) = 1, Heun."""
+    t_steps = edm_time_steps(net, num_steps, sigma_min, sigma_max, rho, device=device)
+    return SamplingPlan(t_steps, EDMProbabilityFlowODE(), 'heun', t_steps[:-1])
+
 def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7,
     S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, denoise=None, time_shift=None):
     """EDM Algorithm 2 (Heun, sigma(t) = t, s(t) = 1). `denoise` replaces the network's denoiser."""
-    t_steps = edm_time_steps(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
-    denoise = denoise if denoise is not None else network_denoiser(net, class_labels)
-    return sample(denoise, latents, t_steps, ode=EDMProbabilityFlowODE(), solver='heun', randn_like=randn_like,
-        round_sigma=net.round_sigma, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, time_shift=time_shift)
+    plan = edm_plan(net, num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    return run_plan(plan, net, latents, class_labels, randn_like, denoise, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, time_shift=time_shift)
 
 def ablation_sigma_steps(net, num_steps=18, sigma_min=None, sigma_max=None, rho=7, discretization='edm',
     epsilon_s=VP_EPSILON_S, C_1=0.001, C_2=0.008, M=1000, device=None):
@@ -227,18 +242,63 @@ def ablation_sigma_steps(net, num_steps=18, sigma_min=None, sigma_max=None, rho=
     ode_kwargs = dict(vp_beta_d=vp_beta_d, vp_beta_min=vp_beta_min)
     return sigma_steps, ode_kwargs
 
+def ablation_plan(net, num_steps=18, sigma_min=None, sigma_max=None, rho=7, solver='heun', discretization='edm', schedule='linear',
+    scaling='none', epsilon_s=VP_EPSILON_S, C_1=0.001, C_2=0.008, M=1000, device=None):
+    """The SamplingPlan of EDM's generalized sampler (--solver --disc --schedule --scaling)."""
+    sigma_steps, ode_kwargs = ablation_sigma_steps(net, num_steps, sigma_min, sigma_max, rho, discretization, epsilon_s, C_1, C_2, M, device=device)
+    ode = ablation_ode(schedule, scaling, **ode_kwargs)
+    sigma_steps = net.round_sigma(sigma_steps)
+    t_steps = ode.sigma_inv(sigma_steps)
+    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+    return SamplingPlan(t_steps, ode, solver, sigma_steps.to(torch.float64))
+
 def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=None, sigma_max=None, rho=7,
     solver='heun', discretization='edm', schedule='linear', scaling='none', epsilon_s=VP_EPSILON_S, C_1=0.001, C_2=0.008, M=1000,
     S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, denoise=None, time_shift=None):
     """EDM's generalized sampler (--solver --disc --schedule --scaling)."""
-    sigma_steps, ode_kwargs = ablation_sigma_steps(net, num_steps, sigma_min, sigma_max, rho, discretization,
-        epsilon_s, C_1, C_2, M, device=latents.device)
-    ode = ablation_ode(schedule, scaling, **ode_kwargs)
-    t_steps = ode.sigma_inv(net.round_sigma(sigma_steps))
-    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+    plan = ablation_plan(net, num_steps, sigma_min, sigma_max, rho, solver, discretization, schedule, scaling, epsilon_s, C_1, C_2, M, device=latents.device)
+    return run_plan(plan, net, latents, class_labels, randn_like, denoise, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, time_shift=time_shift)
+
+#----------------------------------------------------------------------------
+# From flags to a sampler: the one place that decides, for generation, the eps-norm tools and the
+# study, which time steps, ODE and solver a set of sampler settings means.
+
+class SamplingPlan:
+    """What the loop integrates: time steps (with the final 0), the ODE, the solver, and the noise
+    levels sigma(t_i) of the steps' first evaluations as the time steps were made from them."""
+    def __init__(self, t_steps, ode, solver, sigma_steps):
+        self.t_steps, self.ode, self.solver, self.sigma_steps = t_steps, ode, solver, sigma_steps
+
+    def __repr__(self):
+        return f'SamplingPlan({len(self.t_steps) - 1} steps, {self.ode!r}, {self.solver})'
+
+# Settings of the generalized sampler; giving any of them selects it (EDM's generate.py rule).
+ABLATION_SETTINGS = ('solver', 'discretization', 'schedule', 'scaling')
+# Settings of the loop itself rather than of the plan.
+LOOP_SETTINGS = ('S_churn', 'S_min', 'S_max', 'S_noise', 'time_shift')
+
+def uses_ablation_sampler(sampler_kwargs):
+    """EDM's rule: any of --solver/--disc/--schedule/--scaling selects the generalized sampler."""
+    return any(sampler_kwargs.get(k) is not None for k in ABLATION_SETTINGS)
+
+def plan_from_settings(net, sampler_kwargs, device=None):
+    """The SamplingPlan of generate.py's sampler settings (edm_sampler / ablation_sampler keywords;
+    None values mean default, loop settings are ignored). TypeError for an unknown keyword."""
+    kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None and k not in LOOP_SETTINGS}
+    plan_fn = ablation_plan if uses_ablation_sampler(kwargs) else edm_plan
+    return plan_fn(net, device=device, **kwargs)
+
+def run_plan(plan, net, latents, class_labels=None, randn_like=torch.randn_like, denoise=None, **loop_kwargs):
+    """sample() along `plan`, with the network's denoiser unless `denoise` is given."""
     denoise = denoise if denoise is not None else network_denoiser(net, class_labels)
-    return sample(denoise, latents, t_steps, ode=ode, solver=solver, randn_like=randn_like, round_sigma=net.round_sigma,
-        S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, time_shift=time_shift)
+    return sample(denoise, latents, plan.t_steps, ode=plan.ode, solver=plan.solver, randn_like=randn_like, round_sigma=net.round_sigma, **loop_kwargs)
+
+def run_settings(net, latents, class_labels=None, randn_like=torch.randn_like, denoise=None, sampler_kwargs={}):
+    """Sample with generate.py's sampler settings (see plan_from_settings); the same images as
+    edm_sampler / ablation_sampler with those keywords."""
+    plan = plan_from_settings(net, sampler_kwargs, device=latents.device)
+    loop_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None and k in LOOP_SETTINGS}
+    return run_plan(plan, net, latents, class_labels, randn_like, denoise, **loop_kwargs)
 
 #----------------------------------------------------------------------------
 # Per-seed random numbers: sample k of a batch always draws from its own
@@ -246,18 +306,30 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
 # on the batch it was generated in or on the rank that generated it.
 
 class StackedRandomGenerator:
+    """torch.randn / randn_like / randint for a batch whose k-th sample draws only from a
+    torch.Generator of its own, seeded with seeds[k] modulo 2**32 (the seed range torch accepts)."""
+
     def __init__(self, device, seeds):
-        self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+        self.generators = []
+        for seed in seeds:
+            generator = torch.Generator(device)
+            generator.manual_seed(int(seed) % 2**32)
+            self.generators.append(generator)
+
+    def _per_sample(self, draw, size):
+        """torch.stack of draw(shape of one sample, its generator); size[0] must be the batch size."""
+        num_samples, *sample_shape = size
+        if num_samples != len(self.generators):
+            raise ValueError(f'a draw of size {list(size)} for a batch of {len(self.generators)} seeds')
+        return torch.stack([draw(sample_shape, generator) for generator in self.generators])
 
     def randn(self, size, **kwargs):
-        assert size[0] == len(self.generators)
-        return torch.stack([torch.randn(size[1:], generator=gen, **kwargs) for gen in self.generators])
+        return self._per_sample(lambda shape, generator: torch.randn(shape, generator=generator, **kwargs), size)
 
     def randn_like(self, input):
         return self.randn(input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
 
     def randint(self, *args, size, **kwargs):
-        assert size[0] == len(self.generators)
-        return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
+        return self._per_sample(lambda shape, generator: torch.randint(*args, size=shape, generator=generator, **kwargs), size)
 
 #----------------------------------------------------------------------------

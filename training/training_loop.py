@@ -24,6 +24,7 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
 from training import checkpoint
+from training import safety
 
 STATE_FORMAT = 'exposure-bias-training-state-1'
 
@@ -60,10 +61,18 @@ def training_state_fingerprint(network_kwargs, loss_kwargs, dataset_kwargs, augm
         dataset_path=dataset_kwargs.get('path'), use_labels=dataset_kwargs.get('use_labels'), batch_size=batch_size, **interface_kwargs)
     return json.loads(json.dumps(fingerprint)) # Plain JSON types, as they come back from the state file.
 
+def read_training_state(path):
+    """A training state as a dict: ours load without running code (training/safety.py), NVIDIA
+    EDM's through the unsafe path after a warning. ValueError with a one-line reason otherwise."""
+    state = safety.load_training_state(path, STATE_FORMAT)
+    if not isinstance(state, dict) or (state.get('format') != STATE_FORMAT and not {'net', 'optimizer_state'} <= set(state)):
+        raise ValueError(f'{path} holds a {type(state).__name__} without "net" and "optimizer_state", not a training state')
+    return state
+
 def read_training_state_fingerprint(path):
     """The fingerprint stored in one of our training states, or None for NVIDIA EDM's states."""
-    state = torch.load(path, map_location=torch.device('cpu'), weights_only=False)
-    return state.get('fingerprint') if isinstance(state, dict) and state.get('format') == STATE_FORMAT else None
+    state = read_training_state(path)
+    return state.get('fingerprint') if state.get('format') == STATE_FORMAT else None
 
 def fingerprint_differences(saved, current, prefix=''):
     """'network_kwargs.model_channels: 16 in the state, 32 now' for each leaf that differs (dicts are compared key by key)."""
@@ -83,6 +92,75 @@ def snapshot_name(kind, cur_nimg, interval_nimg, ext):
     if interval_nimg < 1000 and cur_nimg % 1000 != 0:
         kimg += f'.{cur_nimg % 1000:03d}'
     return f'{kind}-{kimg}{ext}'
+
+#----------------------------------------------------------------------------
+# The pieces of one optimizer step, in the order the loop applies them.
+
+def accumulation_plan(batch_size, batch_gpu, num_ranks):
+    """(images per round, rounds) such that rounds of `batch_gpu` images on each of `num_ranks`
+    ranks make up `batch_size`; batch_gpu=None (or too large) means one round per step."""
+    per_rank = batch_size // num_ranks
+    per_round = per_rank if batch_gpu is None else min(batch_gpu, per_rank)
+    rounds = per_rank // per_round
+    assert per_round * rounds * num_ranks == batch_size, 'train.py checks that the batch divides evenly'
+    return per_round, rounds
+
+def accumulate_gradients(ddp, loss_fn, next_batch, num_rounds, loss_weight, augment_pipe=None, device=None):
+    """Add the gradient of `loss_weight` times the summed loss of `num_rounds` batches to .grad.
+
+    `next_batch()` gives (uint8-valued images, labels) as the data loader yields them. Under DDP
+    the ranks average their gradients once, in the backward pass of the last round only. With
+    loss_weight = loss_scaling / images-per-rank, the step sees the mean per-image loss.
+    """
+    for index in range(num_rounds):
+        images, labels = next_batch()
+        model_images = images.to(device).to(torch.float32) / 127.5 - 1 # [0, 255] -> [-1, 1]
+        with misc.ddp_sync(ddp, sync=(index + 1 == num_rounds)):
+            per_pixel_loss = loss_fn(net=ddp, images=model_images, labels=labels.to(device), augment_pipe=augment_pipe)
+            training_stats.report('Loss/loss', per_pixel_loss)
+            per_pixel_loss.sum().mul(loss_weight).backward()
+
+def ramped_learning_rate(base_lr, cur_nimg, rampup_kimg):
+    """Linear warm-up: base_lr * min(images seen / ramp-up length, 1); no ramp-up when the length is 0."""
+    progress = cur_nimg / max(rampup_kimg * 1000, 1e-8)
+    return base_lr * min(progress, 1)
+
+def set_learning_rate(optimizer, lr):
+    for param_group in optimizer.param_groups:
+        param_group['lr'] = lr
+
+def replace_nonfinite_gradients(module):
+    """In place: NaN gradients become 0 and infinite ones +-1e5, so that one bad batch (float16
+    overflow, say) cannot turn the weights and, through them, the EMA into NaN."""
+    grads = [param.grad for param in module.parameters() if param.grad is not None]
+    for grad in grads:
+        torch.nan_to_num(grad, nan=0, posinf=1e5, neginf=-1e5, out=grad)
+
+def ema_decay(cur_nimg, batch_size, halflife_kimg, rampup_ratio=None):
+    """Per-step EMA factor beta, with which an image's weight halves after `halflife_kimg` thousand
+    images: beta = 0.5 ** (batch_size / halflife). EDM (Karras et al. 2022, Appendix F) ramps the
+    half-life up with training, halflife = min(halflife_kimg * 1000, rampup_ratio * cur_nimg), so
+    that the EMA does not hold on to the random initialization early on; rampup_ratio=None: fixed."""
+    halflife_nimg = halflife_kimg * 1000
+    if rampup_ratio is not None:
+        halflife_nimg = min(halflife_nimg, cur_nimg * rampup_ratio)
+    return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
+
+@torch.no_grad()
+def update_ema(ema, net, beta):
+    """ema <- beta * ema + (1 - beta) * net, parameter by parameter (buffers are not averaged)."""
+    for averaged, current in zip(ema.parameters(), net.parameters()):
+        averaged.copy_(current.detach().lerp(averaged, beta))
+
+def report_progress(figures):
+    """Report each (label, name, value, format) to training_stats (so it reaches stats.jsonl) and
+    return the progress line 'label value ...'; format 'duration' prints seconds as 1h 02m 03s."""
+    parts = []
+    for label, name, value, value_format in figures:
+        training_stats.report0(name, value)
+        text = f'{dnnlib.util.format_time(value):<12s}' if value_format == 'duration' else format(value, value_format)
+        parts.append(f'{label} {text}')
+    return ' '.join(parts)
 
 #----------------------------------------------------------------------------
 
@@ -124,12 +202,8 @@ def training_loop(
         # the resulting subnormal floats in the backward pass are slow: VP training ran 17x slower.
         torch.set_flush_denormal(True)
 
-    # Batch per rank and accumulation rounds.
     batch_gpu_total = batch_size // dist.get_world_size()
-    if batch_gpu is None or batch_gpu > batch_gpu_total:
-        batch_gpu = batch_gpu_total
-    num_accumulation_rounds = batch_gpu_total // batch_gpu
-    assert batch_size == batch_gpu * num_accumulation_rounds * dist.get_world_size()
+    batch_gpu, num_accumulation_rounds = accumulation_plan(batch_size, batch_gpu, dist.get_world_size())
 
     # Dataset and network.
     dist.print0('Loading dataset...')
@@ -162,17 +236,14 @@ def training_loop(
     rng_states = None
     if resume_pkl is not None:
         dist.print0(f'Loading network weights from "{resume_pkl}"...')
-        if dist.get_rank() != 0:
-            dist.barrier()
+        dist.download_first_on_rank0(resume_pkl)
         source = checkpoint.load_network(resume_pkl, native=False, verbose=(dist.get_rank() == 0))
-        if dist.get_rank() == 0:
-            dist.barrier()
         misc.copy_params_and_buffers(src_module=source, dst_module=net, require_all=False)
         misc.copy_params_and_buffers(src_module=source, dst_module=ema, require_all=False)
         del source
     if resume_state_dump is not None:
         dist.print0(f'Loading training state from "{resume_state_dump}"...')
-        state = torch.load(resume_state_dump, map_location=torch.device('cpu'), weights_only=False)
+        state = read_training_state(resume_state_dump)
         if state.get('format') == STATE_FORMAT:
             net.load_state_dict(state['net'])
             ema.load_state_dict(state['ema'])
@@ -204,58 +275,40 @@ def training_loop(
     maintenance_time = tick_start_time - start_time
     stats_jsonl = None
     while True:
-        # Accumulate gradients.
         optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(num_accumulation_rounds):
-            with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
-                images, labels = next(dataset_iterator)
-                images = images.to(device).to(torch.float32) / 127.5 - 1
-                labels = labels.to(device)
-                loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
-                training_stats.report('Loss/loss', loss)
-                loss.sum().mul(loss_scaling / batch_gpu_total).backward()
-
-        # Update the weights.
-        for group in optimizer.param_groups:
-            group['lr'] = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
-        for param in net.parameters():
-            if param.grad is not None:
-                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+        accumulate_gradients(ddp, loss_fn, lambda: next(dataset_iterator), num_accumulation_rounds,
+            loss_weight=loss_scaling / batch_gpu_total, augment_pipe=augment_pipe, device=device)
+        set_learning_rate(optimizer, ramped_learning_rate(optimizer_kwargs['lr'], cur_nimg, lr_rampup_kimg))
+        replace_nonfinite_gradients(net)
         optimizer.step()
+        update_ema(ema, net, ema_decay(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio))
 
-        # Update the EMA.
-        ema_halflife_nimg = ema_halflife_kimg * 1000
-        if ema_rampup_ratio is not None:
-            ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
-        ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
-        with torch.no_grad():
-            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
-
-        # Once per tick from here on.
+        # The rest runs once per tick (and always after the first step and the last).
         cur_nimg += batch_size
-        done = (cur_nimg >= total_kimg * 1000)
-        if (not done) and (cur_tick != 0) and (cur_nimg < tick_start_nimg + kimg_per_tick * 1000):
+        done = cur_nimg >= total_kimg * 1000
+        tick_is_over = cur_tick == 0 or cur_nimg >= tick_start_nimg + kimg_per_tick * 1000
+        if not (done or tick_is_over):
             continue
 
         # Progress line; the same figures go to stats.jsonl.
         tick_end_time = time.time()
-        report0 = training_stats.report0
-        fields = []
-        fields += [f"tick {report0('Progress/tick', cur_tick):<5d}"]
-        fields += [f"kimg {report0('Progress/kimg', cur_nimg / 1e3):<9.1f}"]
-        fields += [f"time {dnnlib.util.format_time(report0('Timing/total_sec', tick_end_time - start_time)):<12s}"]
-        fields += [f"sec/tick {report0('Timing/sec_per_tick', tick_end_time - tick_start_time):<7.1f}"]
-        fields += [f"sec/kimg {report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3):<7.2f}"]
-        fields += [f"maintenance {report0('Timing/maintenance_sec', maintenance_time):<6.1f}"]
-        fields += [f"cpumem {report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}"]
+        tick_sec = tick_end_time - tick_start_time
+        figures = [ # (label, training_stats name, value, format of the value)
+            ('tick', 'Progress/tick', cur_tick, '<5d'),
+            ('kimg', 'Progress/kimg', cur_nimg / 1e3, '<9.1f'),
+            ('time', 'Timing/total_sec', tick_end_time - start_time, 'duration'),
+            ('sec/tick', 'Timing/sec_per_tick', tick_sec, '<7.1f'),
+            ('sec/kimg', 'Timing/sec_per_kimg', tick_sec / max(cur_nimg - tick_start_nimg, 1) * 1e3, '<7.2f'),
+            ('maintenance', 'Timing/maintenance_sec', maintenance_time, '<6.1f'),
+            ('cpumem', 'Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30, '<6.2f'),
+        ]
         if device.type == 'cuda':
-            fields += [f"gpumem {report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30):<6.2f}"]
-            fields += [f"reserved {report0('Resources/peak_gpu_mem_reserved_gb', torch.cuda.max_memory_reserved(device) / 2**30):<6.2f}"]
+            figures.append(('gpumem', 'Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30, '<6.2f'))
+            figures.append(('reserved', 'Resources/peak_gpu_mem_reserved_gb', torch.cuda.max_memory_reserved(device) / 2**30, '<6.2f'))
             torch.cuda.reset_peak_memory_stats()
+        progress_line = report_progress(figures)
         stats_collector.update()
-        fields += [f"loss {stats_collector['Loss/loss']:<8.4f}"]
-        dist.print0(' '.join(fields))
+        dist.print0(f"{progress_line} loss {stats_collector['Loss/loss']:<8.4f}")
 
         # Network snapshot, in NVIDIA EDM's format.
         if (snapshot_ticks is not None) and (done or cur_tick % snapshot_ticks == 0):
@@ -287,12 +340,11 @@ def training_loop(
             stats_jsonl.write(json.dumps(dict(stats_collector.as_dict(), timestamp=time.time())) + '\n')
             stats_jsonl.flush()
 
-        cur_tick += 1
-        tick_start_nimg = cur_nimg
-        tick_start_time = time.time()
-        maintenance_time = tick_start_time - tick_end_time
         if done:
             break
+        # The next tick starts now; what this one spent after training (logs, snapshots) is its maintenance.
+        tick_start_nimg, tick_start_time, cur_tick = cur_nimg, time.time(), cur_tick + 1
+        maintenance_time = tick_start_time - tick_end_time
 
     if stats_jsonl is not None:
         stats_jsonl.close()
