@@ -272,8 +272,9 @@ def generation_settings(net, source, network_pkl, molrg_path, optimal_denoiser, 
     max_batch_size, device, sampler_kwargs, eps_scaler, kappa, time_shift, guidance):
     """Everything that changes the images, as used (preset expanded), for <outdir>-settings.json."""
     sampler = {k: v for k, v in sampler_kwargs.items() if k != 'time_shift'}
+    sigma_steps = [float(s) for s in metrics.sampler_sigmas(net, sampler).tolist()] # What --sigma_min/--sigma_max/--rho resolve to.
     sampler['sampler'] = 'generalized (ablation)' if generation.uses_ablation_sampler(sampler) else 'edm'
-    sampler['sigma_steps'] = [float(s) for s in metrics.sampler_sigmas(net, sampler).tolist()] # What --sigma_min/--sigma_max/--rho resolve to.
+    sampler['sigma_steps'] = sigma_steps
     denoiser = ('optimal denoiser' if optimal_denoiser else 'MoLRG denoiser' if molrg_path else 'network')
     return dict(tool='generate.py', denoiser=denoiser, denoiser_class=type(net).__name__, network=run_record.file_record(source),
         network_given=network_pkl, preset=preset, seeds=generation.format_seeds(seeds), num_images=len(seeds), class_idx=class_idx,
