@@ -77,6 +77,8 @@ def main(outdir, restart, network_pkl, data, ref_path, detector_path, num_images
     python study.py --outdir=results/quick --num=200 --num_calibration=64 --rounds=1
     """
     start = time.time()
+    if outdir is not None:
+        cli_checks.output_folder(outdir) # An empty --outdir= is refused, not taken for the default.
     network_pkl = network_pkl or bundled.NETWORK
     data = data or bundled.DATA
     ref_path = ref_path or bundled.REF

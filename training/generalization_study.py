@@ -171,14 +171,21 @@ def trajectory_ranks(denoiser, num_steps, seed=0, device=torch.device('cpu')):
 def model_name(size, width):
     return f'n{size:05d}-c{width}'
 
+# train.py's file names: EDM's kimg with 6 digits, plus .NNN when snapshots are under 1 kimg apart.
+RUN_FILE = re.compile(r'(network-snapshot|training-state)-(\d+(?:\.\d{3})?)\.(pkl|pt)')
+
+def latest_run_file(run_dir, kind):
+    """The run file of `kind` ('network-snapshot' or 'training-state') of the most images in run_dir, or None."""
+    found = [(float(m.group(2)), f) for f in (os.listdir(run_dir) if os.path.isdir(run_dir) else [])
+        if (m := RUN_FILE.fullmatch(f)) and m.group(1) == kind]
+    return os.path.join(run_dir, max(found)[1]) if found else None
+
 def latest_training_state(run_dir):
     """The training-state-*.pt of the most images in run_dir, or None."""
-    states = [f for f in os.listdir(run_dir) if re.fullmatch(r'training-state-\d+\.pt', f)] if os.path.isdir(run_dir) else []
-    return os.path.join(run_dir, max(states, key=lambda f: (int(re.findall(r'\d+', f)[0]), os.path.getmtime(os.path.join(run_dir, f))))) if states else None
+    return latest_run_file(run_dir, 'training-state')
 
 def latest_snapshot(run_dir):
-    snapshots = [f for f in os.listdir(run_dir) if re.fullmatch(r'network-snapshot-\d+\.pkl', f)] if os.path.isdir(run_dir) else []
-    return os.path.join(run_dir, max(snapshots, key=lambda f: (int(re.findall(r'\d+', f)[0]), os.path.getmtime(os.path.join(run_dir, f))))) if snapshots else None
+    return latest_run_file(run_dir, 'network-snapshot')
 
 def train_command(data, run_dir, width, config, device):
     """train.py's command line for one model: unconditional DDPM++, no dropout or augmentation."""
@@ -217,7 +224,7 @@ class Training:
         """Mark the model finished and drop the intermediate snapshots and states."""
         snapshot = latest_snapshot(self.run_dir)
         for f in os.listdir(self.run_dir):
-            if re.fullmatch(r'(network-snapshot-\d+\.pkl|training-state-\d+\.pt)', f) and os.path.join(self.run_dir, f) != snapshot:
+            if RUN_FILE.fullmatch(f) and os.path.join(self.run_dir, f) != snapshot:
                 os.remove(os.path.join(self.run_dir, f))
         with dnnlib.util.atomic_write(os.path.join(self.run_dir, FINISHED), mode='w') as f:
             json.dump(dict(snapshot=os.path.basename(snapshot), seconds=time.time() - self.start, resumed=self.resumed), f)
