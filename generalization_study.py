@@ -12,22 +12,12 @@ import click
 import torch
 
 from training import bundled
+from training import cli_checks
 from training import generalization_study
 
 #----------------------------------------------------------------------------
 
-class IntList(click.ParamType):
-    name = 'list'
-    def convert(self, value, param, ctx):
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        try:
-            values = [int(v) for v in str(value).split(',') if v.strip()]
-        except ValueError:
-            self.fail(f'"{value}" is not a comma-separated list of integers', param, ctx)
-        if not values or min(values) < 1:
-            self.fail(f'"{value}": give at least one positive integer', param, ctx)
-        return values
+POSITIVE_INTS = cli_checks.NumberList(int, lambda v: v >= 1, 'integers', 'at least one positive integer')
 
 # name: (default, --quick value)
 SIZES = dict(sizes=([16, 64, 256, 1024], [8, 32]), widths=([8, 16], [4, 8]), kimg=(15.0, 0.4), batch=(32, 16), seeds=(256, 32), steps=(18, 8))
@@ -36,8 +26,8 @@ SIZES = dict(sizes=([16, 64, 256, 1024], [8, 32]), widths=([8, 16], [4, 8]), kim
 @click.option('--outdir',      help='Where to write the results (and the models, samples and subsets)', metavar='DIR', type=str, required=True)
 @click.option('--data',        help='Images to draw the subsets from  [default: the bundled digits]', metavar='ZIP|DIR', type=str, show_default=False)
 @click.option('--quick',       help='Tiny settings for a test run (about 2 minutes); flags given as well win', is_flag=True)
-@click.option('--sizes',       help=f'Training-set sizes, nested  [default: {SIZES["sizes"][0]}]', metavar='LIST', type=IntList(), show_default=False)
-@click.option('--widths',      help=f'Network widths (--cbase of train.py)  [default: {SIZES["widths"][0]}]', metavar='LIST', type=IntList(), show_default=False)
+@click.option('--sizes',       help=f'Training-set sizes, nested  [default: {SIZES["sizes"][0]}]', metavar='LIST', type=POSITIVE_INTS, show_default=False)
+@click.option('--widths',      help=f'Network widths (--cbase of train.py)  [default: {SIZES["widths"][0]}]', metavar='LIST', type=POSITIVE_INTS, show_default=False)
 @click.option('--kimg',        help=f'Training length per model, thousands of images  [default: {SIZES["kimg"][0]:g}]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), show_default=False)
 @click.option('--batch',       help=f'Training batch size  [default: {SIZES["batch"][0]}]', metavar='INT', type=click.IntRange(min=1), show_default=False)
 @click.option('--lr',          help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=2e-3)
@@ -47,7 +37,7 @@ SIZES = dict(sizes=([16, 64, 256, 1024], [8, 32]), widths=([8, 16], [4, 8]), kim
 @click.option('--train_seed',  help='Seed of every training run', metavar='INT', type=click.IntRange(min=0), default=0)
 @click.option('--jobs',        help='Trainings at once (each with OMP_NUM_THREADS=1 unless set)', metavar='INT', type=click.IntRange(min=1), default=2)
 @click.option('--sscd',        'sscd_model', help='Judge copies by this SSCD model (sscd.py) instead of pixels', metavar='PATH|URL', type=str)
-@click.option('--cres',        help='Channels per resolution of the networks (train.py --cres)', metavar='LIST', type=IntList(), default='1,2,2')
+@click.option('--cres',        help='Channels per resolution of the networks (train.py --cres)', metavar='LIST', type=POSITIVE_INTS, default='1,2,2')
 @click.option('--device',      help='Device  [default: cpu]', metavar='cuda|cpu', type=click.Choice(['cuda', 'cpu']), default='cpu', show_default=False)
 def main(outdir, data, quick, jobs, device, lr, split_seed, train_seed, sscd_model, cres, **sizes):
     """Train small EDM models on nested subsets of a data set and measure memorization (M score),

@@ -25,18 +25,7 @@ from training.dataset import DatasetError
 
 #----------------------------------------------------------------------------
 
-class FloatList(click.ParamType):
-    name = 'list'
-    def convert(self, value, param, ctx):
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        try:
-            values = [float(v) for v in str(value).split(',') if v.strip()]
-        except ValueError:
-            self.fail(f'"{value}" is not a comma-separated list of numbers', param, ctx)
-        if not values or not all(math.isfinite(v) and v > 0 for v in values):
-            self.fail(f'"{value}": give at least one positive eps_scaler', param, ctx)
-        return values
+EPS_SCALER_LIST = cli_checks.NumberList(float, lambda v: math.isfinite(v) and v > 0, 'numbers', 'at least one positive eps_scaler')
 
 @click.command(context_settings=dict(show_default=True, max_content_width=120))
 @click.option('--outdir',      help='Where to write the results; a folder with the same settings is continued  [default: a new study-runs/NNNNN-<network>]', metavar='DIR', type=str, show_default=False)
@@ -48,7 +37,7 @@ class FloatList(click.ParamType):
 @click.option('--num',         'num_images', help='Generated images per FD entry', metavar='INT', type=click.IntRange(min=2), default=400)
 @click.option('--num_calibration', help='Trajectories and training images for the eps-norm curves', metavar='INT', type=click.IntRange(min=2), default=128)
 @click.option('--rounds',      help='Calibration rounds', metavar='INT', type=click.IntRange(min=1), default=3)
-@click.option('--eps_scalers', help='eps_scaler values of the FD table (the calibrated one is added)', metavar='LIST', type=FloatList(), default='1,1.003,1.006,1.01')
+@click.option('--eps_scalers', help='eps_scaler values of the FD table (the calibrated one is added)', metavar='LIST', type=EPS_SCALER_LIST, default='1,1.003,1.006,1.01')
 @click.option('--cutoff',      help='Time shift cutoff (1000-step grid index)', metavar='INT', type=click.IntRange(0, 1000), default=300)
 @click.option('--window',      help='Time shift window (1000-step grid)', metavar='INT', type=click.IntRange(min=1), default=80)
 @click.option('--batch',       'batch_size', help='Batch size', metavar='INT', type=click.IntRange(min=1), default=128)

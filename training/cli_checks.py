@@ -210,3 +210,27 @@ def readable_npz(path, option, required_keys=()):
     return path
 
 #----------------------------------------------------------------------------
+
+#----------------------------------------------------------------------------
+
+class NumberList(click.ParamType):
+    """A click type for comma-separated numbers: each converted by `kind`, all accepted by `valid`.
+
+    `noun` names what a number is in the message for a value that does not convert ("integers"),
+    `requirement` what a valid list holds ("at least one positive integer").
+    """
+    name = 'list'
+
+    def __init__(self, kind, valid, noun, requirement):
+        self.kind, self.valid, self.noun, self.requirement = kind, valid, noun, requirement
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        try:
+            values = [self.kind(v) for v in str(value).split(',') if v.strip()]
+        except ValueError:
+            self.fail(f'"{value}" is not a comma-separated list of {self.noun}', param, ctx)
+        if not values or not all(self.valid(v) for v in values):
+            self.fail(f'"{value}": give {self.requirement}', param, ctx)
+        return values
