@@ -19,8 +19,8 @@ from torch_utils import distributed as dist
 from training import bundled
 from training import checkpoint
 from training import cli_checks
-from training import epsilon_scaling
-from training import exposure_bias_metrics as metrics
+from training.sampling import epsilon_scaling
+from training.evaluation import exposure_bias_metrics as metrics
 from training import run_record
 from training.dataset import DatasetError, ImageFolderDataset
 

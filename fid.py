@@ -1,7 +1,7 @@
 """Frechet Inception Distance (FID) of a set of images against reference statistics.
 
 Flags, reference files and numbers are those of NVIDIA EDM's fid.py; the distance itself is computed
-without scipy.linalg.sqrtm (see training/frechet.py): exact, always real, and over 10x faster.
+without scipy.linalg.sqrtm (see training/evaluation/frechet.py): exact, always real, and over 10x faster.
 """
 
 import click
@@ -10,9 +10,9 @@ import dnnlib
 from torch_utils import distributed as dist
 from training import cli_checks
 from training import dataset
-from training import feature_detectors
-from training import fid_uncertainty
-from training import frechet
+from training.evaluation import feature_detectors
+from training.evaluation import fid_uncertainty
+from training.evaluation import frechet
 from training import image_sources
 
 #----------------------------------------------------------------------------

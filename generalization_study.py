@@ -1,7 +1,7 @@
 """Memorization-to-generalization study in one command: EDM models trained on nested subsets of the
 bundled digits, scored against their training images and the optimal denoiser of those images.
 
-See training/generalization_study.py for what is measured and docs/generalization.md for the method.
+See training/studies/generalization_study.py for what is measured and docs/generalization.md for the method.
 """
 
 import signal
@@ -13,7 +13,7 @@ import torch
 
 from training import bundled
 from training import cli_checks
-from training import generalization_study
+from training.studies import generalization_study
 
 #----------------------------------------------------------------------------
 

@@ -17,14 +17,14 @@ from torch_utils import distributed as dist
 from training import checkpoint
 from training import cli_checks
 from training import dataset
-from training import discriminator_guidance as dg_lib
-from training import epsilon_scaling
-from training import generation
-from training import exposure_bias_metrics as metrics
-from training import presets
+from training.guidance import discriminator_guidance as dg_lib
+from training.sampling import epsilon_scaling
+from training.sampling import generation
+from training.evaluation import exposure_bias_metrics as metrics
+from training.sampling import presets
 from training import run_record
-from training import sampler as sampler_lib
-from training import time_shift as time_shift_lib
+from training.sampling import sampler as sampler_lib
+from training.sampling import time_shift as time_shift_lib
 
 #----------------------------------------------------------------------------
 

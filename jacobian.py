@@ -1,6 +1,6 @@
 """Rank of the Jacobian of a network's denoiser along an EDM sampling trajectory.
 
-The measurement of the generalizability study of Zhang et al.; see training/jacobian_rank.py for
+The measurement of the generalizability study of Zhang et al.; see training/evaluation/jacobian_rank.py for
 the definition of the rank and the exact and fast ways of computing it.
 """
 
@@ -14,10 +14,10 @@ from torch_utils import distributed as dist
 from training import checkpoint
 from training import cli_checks
 from training import dataset as dataset_lib
-from training import generation
-from training import jacobian_rank
+from training.sampling import generation
+from training.evaluation import jacobian_rank
 from training import run_record
-from training import sampler as sampler_lib
+from training.sampling import sampler as sampler_lib
 
 #----------------------------------------------------------------------------
 

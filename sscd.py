@@ -1,7 +1,7 @@
 """SSCD copy-detection features, reproducibility (RP) score and memorization (M) score.
 
 Commands and files follow the code of Zhang et al., "The Emergence of Reproducibility and
-Consistency in Diffusion Models"; see training/copy_detection.py for the definitions.
+Consistency in Diffusion Models"; see training/evaluation/copy_detection.py for the definitions.
 """
 
 import click
@@ -10,9 +10,9 @@ import numpy as np
 import dnnlib
 from torch_utils import distributed as dist
 from training import cli_checks
-from training import copy_detection
+from training.evaluation import copy_detection
 from training import dataset
-from training import feature_detectors
+from training.evaluation import feature_detectors
 from training import image_sources
 
 #----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Exposure-bias study in one command: epsilon-norm curves, calibrated scalers, and an FD table.
 
-See training/exposure_bias_study.py for what is measured. Defaults run the bundled digits model,
+See training/studies/exposure_bias_study.py for what is measured. Defaults run the bundled digits model,
 data, detector and reference statistics, offline on a CPU.
 """
 
@@ -17,9 +17,9 @@ from torch_utils import distributed as dist
 from training import cli_checks
 from training import bundled
 from training import checkpoint
-from training import exposure_bias_study
-from training import feature_detectors
-from training import frechet
+from training.studies import exposure_bias_study
+from training.evaluation import feature_detectors
+from training.evaluation import frechet
 from training import run_record
 from training.dataset import DatasetError
 

@@ -12,7 +12,7 @@ import torch
 from training import cli_checks
 from torch_utils import distributed as dist
 from training import dataset as dataset_lib
-from training import guidance_training
+from training.guidance import guidance_training
 
 #----------------------------------------------------------------------------
 

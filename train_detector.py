@@ -7,7 +7,7 @@ little, or offline where its weights cannot be fetched.
 import click
 import numpy as np
 
-from training import classifier_detector
+from training.evaluation import classifier_detector
 from training import cli_checks
 from training.dataset import DatasetError, ImageFolderDataset
 

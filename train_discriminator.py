@@ -12,8 +12,8 @@ import torch
 from training import cli_checks
 from torch_utils import distributed as dist
 from training import dataset as dataset_lib
-from training import discriminator_guidance as dg
-from training import guidance_training
+from training.guidance import discriminator_guidance as dg
+from training.guidance import guidance_training
 
 #----------------------------------------------------------------------------
 

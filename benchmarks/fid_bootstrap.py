@@ -18,7 +18,7 @@ import click
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training import fid_uncertainty as fu
+from training.evaluation import fid_uncertainty as fu
 
 #----------------------------------------------------------------------------
 

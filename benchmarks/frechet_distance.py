@@ -17,7 +17,7 @@ import scipy.linalg
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.timing import timed
-from training import frechet
+from training.evaluation import frechet
 
 #----------------------------------------------------------------------------
 

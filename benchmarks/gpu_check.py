@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --nvidia-edm=../edm      # and NVIDIA EDM's code side by side
 
 Rows (each in a fresh process, so that the peak GPU memory is that run's own):
-- generate: the EDM sampler of generate.py (training.generation) on the bundled digits model and
+- generate: the EDM sampler of generate.py (training.sampling.generation) on the bundled digits model and
   on a CIFAR-size DDPM++ (random weights, 56M parameters) at batch 64 and 512: images/s, and the
   same seeds' images against a CPU run (pixels of 255 levels; pass: at most 1% differ by > 2).
 - train: train.py for 1 kimg of a random CIFAR-size data set, DDPM++ at batch 64, fp32 and --fp16
@@ -70,7 +70,7 @@ def worker_generate(codebase, network_pkl, num_seeds, batch, device, save):
     with dnnlib.util.open_url(network_pkl) as f:
         net = rebuild_with_own_classes(pickle.load(f)['ema'], networks).to(device)
     if codebase == 'ours':
-        from training import generation
+        from training.sampling import generation
         run = lambda seeds: (b.images for b in generation.generate_images(net, seeds, max_batch_size=batch, device=device))
     else:
         run = lambda seeds: edm_batches(codebase, net, seeds, batch, device)

@@ -17,7 +17,7 @@ import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training import jacobian_rank
+from training.evaluation import jacobian_rank
 from training import networks
 
 #----------------------------------------------------------------------------

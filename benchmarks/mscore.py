@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training import copy_detection
+from training.evaluation import copy_detection
 
 #----------------------------------------------------------------------------
 

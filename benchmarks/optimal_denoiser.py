@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.timing import median_seconds
-from training.optimal_denoiser import OptimalDenoiser
+from training.sampling.optimal_denoiser import OptimalDenoiser
 
 #----------------------------------------------------------------------------
 

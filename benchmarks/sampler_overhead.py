@@ -22,10 +22,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.timing import median_seconds
 from training import checkpoint
-from training import epsilon_scaling
+from training.sampling import epsilon_scaling
 from training import networks
-from training import sampler as sampler_lib
-from training import time_shift as time_shift_lib
+from training.sampling import sampler as sampler_lib
+from training.sampling import time_shift as time_shift_lib
 
 #----------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 import dataset_tool
 import train_detector
-from training import classifier_detector
+from training.evaluation import classifier_detector
 
 #----------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The denoiser protocol (training/denoisers.py), generation.compose and the one sampling plan."""
+"""The denoiser protocol (training/sampling/denoisers.py), generation.compose and the one sampling plan."""
 
 import itertools
 
@@ -8,12 +8,12 @@ from click.testing import CliRunner
 
 import generate
 from conftest import make_tiny_net
-from training import denoisers
-from training import discriminator_guidance as dg
-from training import epsilon_scaling
-from training import exposure_bias_metrics as metrics
-from training import generation
-from training import sampler
+from training.sampling import denoisers
+from training.guidance import discriminator_guidance as dg
+from training.sampling import epsilon_scaling
+from training.evaluation import exposure_bias_metrics as metrics
+from training.sampling import generation
+from training.sampling import sampler
 
 #----------------------------------------------------------------------------
 # Analytic pieces, so that every comparison is exact.

@@ -13,14 +13,14 @@ import contextlib
 import pytest
 import torch
 
-from training import adm_encoder
+from training.guidance import adm_encoder
 from training import augment
-from training import discriminator_guidance as dg
-from training import generation
-from training import guidance_training
+from training.guidance import discriminator_guidance as dg
+from training.sampling import generation
+from training.guidance import guidance_training
 from training import loss as loss_lib
 from training import networks
-from training import sampler as sampler_lib
+from training.sampling import sampler as sampler_lib
 from conftest import TINY_SONG
 
 META = torch.device('meta')

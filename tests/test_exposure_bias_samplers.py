@@ -14,10 +14,10 @@ import eps_norm
 import generate
 from conftest import make_tiny_net, run_cli
 from test_sampler import LATENTS, GaussianDataNet, exact_result, relative_error
-from training import epsilon_scaling
-from training import exposure_bias_metrics as metrics
-from training import sampler
-from training import time_shift
+from training.sampling import epsilon_scaling
+from training.evaluation import exposure_bias_metrics as metrics
+from training.sampling import sampler
+from training.sampling import time_shift
 
 #----------------------------------------------------------------------------
 # Epsilon scaling.

@@ -1,4 +1,4 @@
-"""fid.py and training/frechet.py: the exact Frechet distance, feature statistics, inputs and errors."""
+"""fid.py and training/evaluation/frechet.py: the exact Frechet distance, feature statistics, inputs and errors."""
 
 import hashlib
 import os
@@ -15,7 +15,7 @@ import fid
 from conftest import REPO, run_cli
 from tiny_models import FixedSizeDetector, TinyInception, random_images, save_torchscript, write_image_folder
 from torch_utils import persistence
-from training import frechet
+from training.evaluation import frechet
 from training import image_sources
 
 #----------------------------------------------------------------------------

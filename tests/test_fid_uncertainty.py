@@ -1,4 +1,4 @@
-"""training/fid_uncertainty.py and fid.py features/calc --ci/compare: intervals that cover what they claim.
+"""training/evaluation/fid_uncertainty.py and fid.py features/calc --ci/compare: intervals that cover what they claim.
 
 Statistics are checked on Gaussian features, whose population Frechet distance to a fixed
 reference is known in closed form.
@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 import fid
 from tiny_models import TinyInception, random_images, save_torchscript, write_image_folder
-from training import fid_uncertainty as fu
-from training import frechet
+from training.evaluation import fid_uncertainty as fu
+from training.evaluation import frechet
 
 #----------------------------------------------------------------------------
 

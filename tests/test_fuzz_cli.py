@@ -37,7 +37,7 @@ from conftest import make_tiny_net, run_cli, save_tiny_snapshot
 from tiny_models import TinyInception, TinySSCD, random_images, save_torchscript, write_image_folder
 from training import checkpoint
 from training import cli_checks
-from training import frechet
+from training.evaluation import frechet
 from training import training_loop
 
 CLIS = {

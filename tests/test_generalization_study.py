@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 import generalization_study
 from training import bundled
-from training import feature_detectors
-from training import generalization_study as study_lib
-from training import optimal_denoiser as optimal_denoiser_lib
+from training.evaluation import feature_detectors
+from training.studies import generalization_study as study_lib
+from training.sampling import optimal_denoiser as optimal_denoiser_lib
 
 #----------------------------------------------------------------------------
 

@@ -14,12 +14,12 @@ import train_classifier
 import train_discriminator
 from conftest import make_tiny_net, run_cli
 from tiny_models import random_images, write_image_folder
-from training import adm_encoder
-from training import discriminator_guidance as dg
-from training import epsilon_scaling
-from training import generation
-from training import guidance_training
-from training import sampler
+from training.guidance import adm_encoder
+from training.guidance import discriminator_guidance as dg
+from training.sampling import epsilon_scaling
+from training.sampling import generation
+from training.guidance import guidance_training
+from training.sampling import sampler
 
 #----------------------------------------------------------------------------
 # The published layouts, written out from the architecture description (guided-diffusion's

@@ -1,4 +1,4 @@
-"""jacobian.py and training/jacobian_rank.py: the effective rank, exact and fast Jacobians, the CLI."""
+"""jacobian.py and training/evaluation/jacobian_rank.py: the effective rank, exact and fast Jacobians, the CLI."""
 
 import json
 
@@ -11,9 +11,9 @@ import jacobian
 from conftest import legacy_networks_module, make_tiny_net, save_tiny_snapshot
 from tiny_models import random_images, write_image_folder
 from training import bundled
-from training import jacobian_rank
-from training import sampler as sampler_lib
-from training.optimal_denoiser import OptimalDenoiser
+from training.evaluation import jacobian_rank
+from training.sampling import sampler as sampler_lib
+from training.sampling.optimal_denoiser import OptimalDenoiser
 
 #----------------------------------------------------------------------------
 # The rank definition.

@@ -16,9 +16,9 @@ import jacobian
 import trainMoLRG
 from conftest import REPO, run_cli
 from training import checkpoint
-from training import jacobian_rank
+from training.evaluation import jacobian_rank
 from training import molrg
-from training import sampler as sampler_lib
+from training.sampling import sampler as sampler_lib
 from training.dataset import DatasetError
 
 #----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 import generate
 from test_generate import read_images
 from tiny_models import random_images, write_image_folder
-from training.optimal_denoiser import OptimalDenoiser
+from training.sampling.optimal_denoiser import OptimalDenoiser
 
 #----------------------------------------------------------------------------
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from training import generation
-from training import sampler
+from training.sampling import generation
+from training.sampling import sampler
 
 #----------------------------------------------------------------------------
 # Data y ~ N(0, c^2 I) has the exact denoiser D(x; sigma) = c^2 / (c^2 + sigma^2) x, and the

@@ -1,4 +1,4 @@
-"""sscd.py and training/copy_detection.py: SSCD features, RP and M scores against brute force, errors."""
+"""sscd.py and training/evaluation/copy_detection.py: SSCD features, RP and M scores against brute force, errors."""
 
 import numpy as np
 import PIL.Image
@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 import sscd
 from tiny_models import TinySSCD, random_images, save_torchscript, write_image_folder
-from training import copy_detection
+from training.evaluation import copy_detection
 
 #----------------------------------------------------------------------------
 # Scores against brute force.

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 import study
 from tests.test_exposure_bias_samplers import write_tiny_dataset
 from tests.tiny_models import TinyInception, save_torchscript
-from training import exposure_bias_study
-from training import frechet
+from training.studies import exposure_bias_study
+from training.evaluation import frechet
 
 #----------------------------------------------------------------------------
 

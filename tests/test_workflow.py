@@ -111,7 +111,7 @@ def test_discriminator_training_on_unequal_counts_warns_and_reports_balanced_acc
     assert 'Warning: 24 real vs 8 generated images' in result.output and 'balanced accuracy' in result.output
 
 def test_small_messages_say_what_they_mean():
-    from training import feature_detectors
+    from training.evaluation import feature_detectors
     from training import training_loop
     with pytest.raises(feature_detectors.DetectorError, match='^SSCD model file not found'):
         feature_detectors.load_torch_module('/nowhere/sscd.pt', what='SSCD model')

@@ -12,7 +12,7 @@ pixel has variance d / D). A dataset is one torch file in the authors' format an
 file name (`basis`, `data`, `conds`, ...), so files written by either codebase load in the other.
 
 The denoiser is the posterior mean E[x0 | x] for x = x0 + sigma n (the optimal denoiser of the
-distribution, not of a finite sample; for that see training/optimal_denoiser.py). With
+distribution, not of a finite sample; for that see training/sampling/optimal_denoiser.py). With
 Sigma_k = U_k U_k^T + sigma^2 I,
 
     E[x0 | x, k] = U_k U_k^T x / (1 + sigma^2),

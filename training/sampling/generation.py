@@ -16,12 +16,12 @@ import dnnlib
 from torch_utils import distributed as dist
 from training import bundled
 from training import checkpoint
-from training import denoisers
-from training import discriminator_guidance as dg_lib
-from training import epsilon_scaling
+from training.sampling import denoisers
+from training.guidance import discriminator_guidance as dg_lib
+from training.sampling import epsilon_scaling
 from training import molrg
-from training import optimal_denoiser as optimal_denoiser_lib
-from training import sampler as sampler_lib
+from training.sampling import optimal_denoiser as optimal_denoiser_lib
+from training.sampling import sampler as sampler_lib
 
 #----------------------------------------------------------------------------
 # Seed lists such as '0-63,100'.
@@ -206,13 +206,13 @@ def uses_ablation_sampler(sampler_kwargs):
     return sampler_lib.uses_ablation_sampler(sampler_kwargs)
 
 #----------------------------------------------------------------------------
-# The denoiser of a run: every tool that samples builds it here (training/denoisers.py says what
+# The denoiser of a run: every tool that samples builds it here (training/sampling/denoisers.py says what
 # a denoiser is).
 
 @dataclasses.dataclass(frozen=True)
 class Corrections:
     """The exposure-bias corrections of a run, as generate.py's flags give them."""
-    eps_scaler: float = 1.0           # Epsilon scaling (training/epsilon_scaling.py): lambda_i = eps_scaler + kappa * i.
+    eps_scaler: float = 1.0           # Epsilon scaling (training/sampling/epsilon_scaling.py): lambda_i = eps_scaler + kappa * i.
     kappa: float = 0.0
     guidance: object = None           # discriminator_guidance.DiscriminatorGuidance, or None.
     guidance_cond: bool = False       # The discriminator takes the class labels.

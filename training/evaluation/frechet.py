@@ -25,7 +25,7 @@ import tqdm
 import dnnlib
 from torch_utils import distributed as dist
 from training import dataset as dataset_lib
-from training import feature_detectors
+from training.evaluation import feature_detectors
 
 #----------------------------------------------------------------------------
 

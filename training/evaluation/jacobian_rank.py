@@ -23,8 +23,8 @@ optimal denoiser of a dataset, or a closed-form Gaussian-mixture denoiser.
 
 import torch
 
-from training import generation
-from training import sampler as sampler_lib
+from training.sampling import generation
+from training.sampling import sampler as sampler_lib
 
 #----------------------------------------------------------------------------
 

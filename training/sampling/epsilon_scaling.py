@@ -22,7 +22,7 @@ the Euler evaluation of its generalized sampler, not the 2nd-order correction; b
 here by wrapping the denoiser, which every evaluation goes through.
 """
 
-from training import denoisers
+from training.sampling import denoisers
 
 #----------------------------------------------------------------------------
 
@@ -42,7 +42,7 @@ def with_epsilon_scaling(denoise, eps_scaler=1.0, kappa=0.0):
     """Wrap a denoiser (x, sigma, step) -> D so that its predicted noise is divided by lambda_i.
 
     Both evaluations of a step are scaled; the second order and the churn of `denoise` are kept
-    (training/denoisers.py). With eps_scaler=1 and kappa=0 the denoiser itself is returned, so the
+    (training/sampling/denoisers.py). With eps_scaler=1 and kappa=0 the denoiser itself is returned, so the
     sampler is bit-identical to the plain one.
     """
     if eps_scaler == 1 and kappa == 0:

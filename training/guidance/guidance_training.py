@@ -1,4 +1,4 @@
-"""Training the two networks of discriminator guidance (training/discriminator_guidance.py).
+"""Training the two networks of discriminator guidance (training/guidance/discriminator_guidance.py).
 
 - The discriminator (DG Sec. 4): real images (label 1) and the generator's samples (label 0) are
   diffused to a VP time t drawn by importance sampling (density beta(t) / std(t)^2); the frozen
@@ -21,9 +21,9 @@ import torch
 import tqdm
 
 import dnnlib
-from training import adm_encoder
+from training.guidance import adm_encoder
 from training import dataset as dataset_lib
-from training import discriminator_guidance as dg
+from training.guidance import discriminator_guidance as dg
 from training import image_sources
 
 #----------------------------------------------------------------------------

@@ -33,9 +33,9 @@ import torch
 import tqdm
 
 import dnnlib
-from training import epsilon_scaling
-from training import generation
-from training import sampler as sampler_lib
+from training.sampling import epsilon_scaling
+from training.sampling import generation
+from training.sampling import sampler as sampler_lib
 
 #----------------------------------------------------------------------------
 
@@ -43,7 +43,7 @@ class StepRecorder:
     """Watches a denoiser; at the first evaluation of every sampling step records the mean L2 norm of
     the predicted noise and the mean per-sample variance of x, summed over all batches.
 
-    `observe` is the hook for training.denoisers.observed (generation.compose's observe_network);
+    `observe` is the hook for training.sampling.denoisers.observed (generation.compose's observe_network);
     calling the recorder as a denoiser evaluates and observes `denoise`.
     """
 

@@ -26,8 +26,8 @@ import os
 import numpy as np
 import torch
 
-from training import adm_encoder
-from training import denoisers
+from training.guidance import adm_encoder
+from training.sampling import denoisers
 
 #----------------------------------------------------------------------------
 # The VP-SDE the classifier and discriminator were trained on.
@@ -194,7 +194,7 @@ class Boosting:
 def with_discriminator_guidance(denoise, guidance, class_labels=None, weight_1st_order=1.0, weight_2nd_order=0.0, boosting=None):
     """Wrap a denoiser (x, sigma, step) -> D so that its Euler evaluations return D - w c (see above).
 
-    A training.denoisers.Denoiser: its second order is the 2nd-order evaluation of `denoise`,
+    A training.sampling.denoisers.Denoiser: its second order is the 2nd-order evaluation of `denoise`,
     unguided unless weight_2nd_order != 0, and with `boosting` its churn is the boosting's per-sample
     churn. weight_1st_order = weight_2nd_order = 0 returns `denoise` itself.
     """

@@ -32,7 +32,7 @@ to sigma_b rescales x by sqrt((1 + sigma_b^2) / (1 + sigma_a^2)).
 
 import torch
 
-from training import sampler as sampler_lib
+from training.sampling import sampler as sampler_lib
 
 #----------------------------------------------------------------------------
 

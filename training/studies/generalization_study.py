@@ -3,7 +3,7 @@ set, measured against their training images and against the optimal denoiser of 
 
 Zhang et al. ("The Emergence of Reproducibility and Consistency in Diffusion Models", ICML 2024)
 find that diffusion models trained on few images memorize: their samples copy training images and
-match the samples of the optimal denoiser of the training set (training/optimal_denoiser.py) from
+match the samples of the optimal denoiser of the training set (training/sampling/optimal_denoiser.py) from
 the same noise. Past a data-set size that grows with the model, they generalize, and models of
 different architectures or widths trained on the same data still produce nearly the same image
 from the same noise (reproducibility). Their Jacobians are low-rank along the trajectory.
@@ -17,7 +17,7 @@ For each subset size n (nested subsets, the rest of the data held out) and each 
      RP score = copy_detection.reproducibility_score(samples, optimal denoiser's samples),
      and the RP score between the widths trained on the same subset;
   4. for the widest model of the smallest and of the largest subset, the Jacobian ranks along one
-     trajectory (training/jacobian_rank.py) next to those of the optimal denoiser.
+     trajectory (training/evaluation/jacobian_rank.py) next to those of the optimal denoiser.
 
 Descriptor: SSCD cannot be had offline, so copies are judged by the cosine similarity of
 mean-centred pixels (`pixel_descriptors`); `descriptor_check` measures how well it and the bundled
@@ -45,13 +45,13 @@ import tqdm
 
 import dnnlib
 from training import checkpoint
-from training import copy_detection
+from training.evaluation import copy_detection
 from training import dataset as dataset_lib
-from training import feature_detectors
-from training import generation
-from training import jacobian_rank
-from training import optimal_denoiser as optimal_denoiser_lib
-from training import sampler as sampler_lib
+from training.evaluation import feature_detectors
+from training.sampling import generation
+from training.evaluation import jacobian_rank
+from training.sampling import optimal_denoiser as optimal_denoiser_lib
+from training.sampling import sampler as sampler_lib
 
 #----------------------------------------------------------------------------
 

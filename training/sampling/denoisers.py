@@ -1,6 +1,6 @@
 """What a denoiser is to the sampler, and the one place where the corrections are put together.
 
-A denoiser has up to three parts, all of which the sampler (training/sampler.py) takes from it
+A denoiser has up to three parts, all of which the sampler (training/sampling/sampler.py) takes from it
 explicitly:
 
   first_order(x, sigma, step) -> D   the evaluation at the start of a step (the Euler evaluation);
@@ -21,7 +21,7 @@ applies one function to both evaluations, `observed` watches them, so wrapping i
 the second order and the churn of what is inside. `layers` names what was wrapped, innermost
 first; it describes the result, so that two places that build "the same" denoiser can be compared.
 
-training.generation.compose builds the denoiser of a run from its corrections (network, epsilon
+training.sampling.generation.compose builds the denoiser of a run from its corrections (network, epsilon
 scaling, discriminator guidance, in SEDM-G++'s order); this module imports none of them, so every
 correction can build on it.
 """

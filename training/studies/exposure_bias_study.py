@@ -7,7 +7,7 @@ For each sampler setting (by default Euler 13 steps and Heun 18 steps, as in Nin
   3. the Frechet distance of generated images to the reference statistics, over a list of
      eps_scaler values plus the calibrated one, each without and with time shift (the paper's rule:
      EDM's discretization is not the uniform 1000-step grid the released rule needs).
-Every FD comes with a 95% bootstrap interval over seed blocks (training/fid_uncertainty.py), and
+Every FD comes with a 95% bootstrap interval over seed blocks (training/evaluation/fid_uncertainty.py), and
 every setting is compared with the plain sampler (eps_scaler 1, no time shift) of the same sampler
 setting on the same seeds, with the paired interval of the difference; the summary's conclusions
 come from those intervals only. Two yardsticks put the FD differences in scale: the FD of the plain
@@ -28,13 +28,13 @@ import torch
 import tqdm
 
 import dnnlib
-from training import epsilon_scaling
-from training import exposure_bias_metrics as metrics
-from training import fid_uncertainty
-from training import frechet
-from training import generation
-from training import sampler as sampler_lib
-from training import time_shift as time_shift_lib
+from training.sampling import epsilon_scaling
+from training.evaluation import exposure_bias_metrics as metrics
+from training.evaluation import fid_uncertainty
+from training.evaluation import frechet
+from training.sampling import generation
+from training.sampling import sampler as sampler_lib
+from training.sampling import time_shift as time_shift_lib
 
 #----------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import tqdm
 
 from torch_utils import distributed as dist
 from training import dataset as dataset_lib
-from training import feature_detectors
+from training.evaluation import feature_detectors
 
 #----------------------------------------------------------------------------
 

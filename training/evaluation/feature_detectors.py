@@ -156,7 +156,7 @@ def load_feature_detector(path_or_url=INCEPTION_URL, image_shape=(3, 32, 32), de
 def default_detector(recorded=None):
     """The detector to use when the user names none: the bundled one if the reference statistics
     record its identity, else EDM's Inception. A reference never names a file to load; what it
-    records is only checked against the detector used (training/frechet.py check_detector)."""
+    records is only checked against the detector used (training/evaluation/frechet.py check_detector)."""
     if recorded is not None and identity_name(recorded['name']) == os.path.basename(bundled.DETECTOR):
         return bundled.DETECTOR
     return INCEPTION_URL

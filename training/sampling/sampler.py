@@ -5,13 +5,13 @@ with Euler or Heun steps and optional stochastic churn. It sees the model only t
 denoiser `denoise(x, sigma, step) -> D(x; sigma)` (float64), so that
 
 - epsilon scaling, discriminator guidance and the optimal denoiser are denoisers that wrap or
-  replace the network one (training/epsilon_scaling.py, training/discriminator_guidance.py,
-  training/optimal_denoiser.py); what a denoiser is (its first- and second-order evaluations and
-  optional per-sample churn) is written down in training/denoisers.py, and
-  training.generation.compose puts the corrections together;
+  replace the network one (training/sampling/epsilon_scaling.py, training/guidance/discriminator_guidance.py,
+  training/sampling/optimal_denoiser.py); what a denoiser is (its first- and second-order evaluations and
+  optional per-sample churn) is written down in training/sampling/denoisers.py, and
+  training.sampling.generation.compose puts the corrections together;
 - which time steps, ODE and solver a set of flags means is decided once, by plan_from_settings;
 - the ODE (sigma(t), s(t)) and the time steps are plain values you can print and test;
-- time shift decides, per sample, where a step starts or lands (training/time_shift.py).
+- time shift decides, per sample, where a step starts or lands (training/sampling/time_shift.py).
 
 With the defaults, `edm_sampler` and `ablation_sampler` perform exactly the floating-point
 operations of NVIDIA EDM's generate.py, so the same pickle and seeds give the same uint8 images.
@@ -20,7 +20,7 @@ operations of NVIDIA EDM's generate.py, so the same pickle and seeds give the sa
 import numpy as np
 import torch
 
-from training import denoisers
+from training.sampling import denoisers
 
 #----------------------------------------------------------------------------
 # Noise level discretizations. Each returns the float64 noise levels
@@ -102,7 +102,7 @@ def ablation_ode(schedule='linear', scaling='none', vp_beta_d=19.9, vp_beta_min=
     return ProbabilityFlowODE(sigma, sigma_deriv, sigma_inv, s, s_deriv, name=f'schedule={schedule},scaling={scaling}')
 
 #----------------------------------------------------------------------------
-# Denoisers: what the loop calls, see training/denoisers.py (a plain callable
+# Denoisers: what the loop calls, see training/sampling/denoisers.py (a plain callable
 # (x, sigma, step) -> float64 D(x; sigma) is one without extra parts).
 
 def network_denoiser(net, class_labels=None):
@@ -130,14 +130,14 @@ def sample(denoise, latents, t_steps, ode=None, solver='heun', randn_like=torch.
 
     t_steps     -- float64 times t_0 > ... > t_{N-1} > t_N = 0 (of the ODE's time variable).
     ode         -- ProbabilityFlowODE; default EDMProbabilityFlowODE().
-    denoise     -- a training.denoisers.Denoiser or a plain callable (x, sigma, step) -> D. Its
+    denoise     -- a training.sampling.denoisers.Denoiser or a plain callable (x, sigma, step) -> D. Its
                    parts are used explicitly: first_order for the Euler evaluation, second_order
                    for the Heun correction, churn for per-sample (S_churn, S_noise).
     solver      -- 'euler' or 'heun' (2nd order correction on all but the last step).
     randn_like  -- noise source for churn (per-seed generators in generate.py).
     round_sigma -- snaps noise levels onto those the network supports (iDDPM).
     S_*         -- stochastic churn of EDM Algorithm 2.
-    time_shift  -- optional training.time_shift.TimeShift: may move where a step starts or lands,
+    time_shift  -- optional training.sampling.time_shift.TimeShift: may move where a step starts or lands,
                    per sample (times then become [N, 1, 1, 1] tensors).
     """
     ode = ode if ode is not None else EDMProbabilityFlowODE()
