@@ -55,7 +55,8 @@ from training.sampling import sampler as sampler_lib
 
 #----------------------------------------------------------------------------
 
-TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'train.py')
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN_SCRIPT = os.path.join(REPO_ROOT, 'train.py')
 FINISHED = 'FINISHED'
 NOISY_COPY_STD = 10 # On the 0-255 scale: a copy with visible grain, still the same image.
 
