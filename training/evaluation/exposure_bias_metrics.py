@@ -33,6 +33,7 @@ import torch
 import tqdm
 
 import dnnlib
+from torch_utils import misc
 from training.sampling import epsilon_scaling
 from training.sampling import generation
 from training.sampling import sampler as sampler_lib
@@ -106,13 +107,13 @@ def single_step_statistics(net, images, labels, sigmas, seed=0, batch_size=256, 
     images: uint8 NCHW; labels: float one-hot [N, label_dim] or None. `progress`: a tqdm description
     to show a bar per noise level.
     """
-    device = next(iter(list(net.parameters()) + list(net.buffers())), torch.zeros([])).device
+    device = misc.module_device(net)
     generator = torch.Generator().manual_seed(seed)
     norms, variances = [], []
     for sigma in tqdm.tqdm(sigmas, desc=progress, unit='step', leave=False, disable=(progress is None)):
         norm_sum, variance_sum = 0.0, 0.0
         for start in range(0, len(images), batch_size):
-            y = torch.as_tensor(images[start:start + batch_size]).to(torch.float64) / 127.5 - 1
+            y = misc.uint8_to_model_range(torch.as_tensor(images[start:start + batch_size]), torch.float64)
             n = torch.randn(y.shape, generator=generator, dtype=torch.float64)
             x = (y + float(sigma) * n).to(device)
             batch_labels = torch.as_tensor(labels[start:start + batch_size]).to(device) if labels is not None else None
