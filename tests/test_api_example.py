@@ -10,6 +10,7 @@ import torch
 
 from conftest import REPO
 from training.evaluation import exposure_bias_metrics as metrics
+from training.sampling import denoisers
 from training.sampling import generation
 
 #----------------------------------------------------------------------------
@@ -61,5 +62,27 @@ def test_readme_python_api_example_gives_generate_pys_images_and_eps_norms(one_t
     assert abs(eps_norms[0] / np.sqrt(net.img_channels * net.img_resolution ** 2) - 1) < 0.1
     expected_norms, expected_variances = metrics.consecutive_statistics(net, seeds, settings, eps_scaler=corrections.eps_scaler)
     assert np.array_equal(eps_norms, expected_norms) and np.array_equal(variances, expected_variances)
+
+def test_architecture_example_correction_is_a_denoiser_that_composes(one_thread, capsys):
+    code = with_fewer_steps(python_block('docs/architecture.md', '## Example: a correction that rescales the denoised output'), 4)
+    scope = {}
+    exec(compile(code, 'docs/architecture.md:Example', 'exec'), scope) # Asserts that factor 1 changes no pixel.
+    assert 'epsilon_scaling(eps_scaler=1.0006, kappa=0.0) -> output_scaling(factor=1.0)' in capsys.readouterr().out
+    with_output_scaling, net, seeds, settings = scope['with_output_scaling'], scope['net'], scope['seeds'], scope['settings']
+
+    corrections = scope['corrections']
+    shrunk, = generation.generate_images(net, seeds, sampler_kwargs=settings,
+        make_denoiser=lambda net, labels: with_output_scaling(generation.compose(net, labels, corrections), factor=0.9))
+    assert not np.array_equal(shrunk.images, scope['plain'].images) # Only the factor differs.
+
+    # Wrapped around a denoiser with its own second order and churn, it keeps both (as guidance has them).
+    first = lambda x, sigma, step: x * 0.5
+    second = lambda x, sigma, step: x * 0.25
+    churn = lambda step, S_churn, S_noise: (torch.full([2], 4.0, dtype=torch.float64), torch.ones([2], dtype=torch.float64))
+    inner = denoisers.Denoiser(first, second, churn, layers=('inner',))
+    outer = with_output_scaling(inner, factor=2.0)
+    x = torch.ones([2, 1, 2, 2], dtype=torch.float64)
+    assert torch.equal(outer.first_order(x, 1.0, 0), x) and torch.equal(outer.second_order(x, 1.0, 0), x * 0.5)
+    assert outer.churn is churn and outer.layers == ('inner', 'output_scaling(factor=2.0)')
 
 #----------------------------------------------------------------------------
