@@ -11,7 +11,7 @@ Alongside, the variance error compares the variance of the sampled x_t with that
 inputs at the same sigma (both the mean over samples of the variance of one sample's C*H*W values,
 x in EDM scaling x = y + sigma n): variance_error = Var(sampled) / Var(training) - 1.
 
-Calibration (not in any of the original codebases): epsilon scaling divides eps by lambda_i, so the
+Calibration: epsilon scaling divides eps by lambda_i, so the
 scaler that makes the sampling norm equal the single-step norm at step i is
 r_i = consecutive_i / single_step_i. A constant scaler and a linear schedule lambda_i = a + kappa i
 are least-squares fits of r_i, weighted so that steps count by their single-step norm:

@@ -11,8 +11,7 @@ against it. Evaluating it means comparing x with every image. Here that is ONE s
 data per call: distances come from matrix products (||x||^2 is the same for every i and cancels in the
 softmax, so only x.y_i - ||y_i||^2 / 2 is needed), and the softmax is accumulated with a running
 maximum (log-sum-exp), so nothing of size batch x N x C x H x W is ever formed and tiny sigma far
-from every image gives no NaN. The original takes two passes over the data (one for the maximum,
-one for the sums), each broadcasting x - y_i over pixels.
+from every image gives no NaN.
 
 Where the images live: in host memory, always; on the device of x too when they fit (a copy made at
 the first call there, when the images take at most RESIDENT_FRACTION of the device's free memory).
