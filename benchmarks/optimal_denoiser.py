@@ -16,12 +16,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.timing import median_seconds
+from torch_utils import misc
 from training.sampling.optimal_denoiser import OptimalDenoiser
 
 #----------------------------------------------------------------------------
 
 def two_pass_broadcast_denoiser(images, x, sigma, chunk_size=64):
-    y_chunks = [chunk.to(torch.float64) / 127.5 - 1 for chunk in images.split(chunk_size)]
+    y_chunks = [misc.uint8_to_model_range(chunk, torch.float64) for chunk in images.split(chunk_size)]
     x = x.to(torch.float64)
     logit = lambda y: -((x[:, None] - y[None]) ** 2).flatten(2).sum(dim=2) / (2 * sigma ** 2)
     best = torch.stack([logit(y).max(dim=1).values for y in y_chunks], dim=1).max(dim=1).values
@@ -45,7 +46,7 @@ def main(num, batch, resolution, sigma, repeats):
     """Time one evaluation of the optimal denoiser both ways on CPU and print the ratio."""
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, [num, 3, resolution, resolution], generator=gen, dtype=torch.uint8)
-    x = (images[:batch].to(torch.float64) / 127.5 - 1) + sigma * torch.randn([batch, 3, resolution, resolution], generator=gen, dtype=torch.float64)
+    x = misc.uint8_to_model_range(images[:batch], torch.float64) + sigma * torch.randn([batch, 3, resolution, resolution], generator=gen, dtype=torch.float64)
     denoiser = OptimalDenoiser(images)
     streamed = denoiser(x, sigma)
     reference = two_pass_broadcast_denoiser(images, x, sigma)

@@ -14,6 +14,7 @@ import train_classifier
 import train_discriminator
 from conftest import make_tiny_net, run_cli
 from tiny_models import random_images, write_image_folder
+from torch_utils import misc
 from training.guidance import adm_encoder
 from training.guidance import discriminator_guidance as dg
 from training.sampling import epsilon_scaling
@@ -480,7 +481,7 @@ def test_the_discriminator_learns_to_tell_real_from_generated_images(tmp_path):
     loaded = dg.load_discriminator(str(tmp_path / 'disc' / 'discriminator_4.pt'), classifier, cond=False)
     guidance = dg.DiscriminatorGuidance(classifier, loaded, img_resolution=8)
     sigma = torch.tensor(0.05, dtype=torch.float64)
-    real_x, fake_x = (guidance_training.to_model_range(images).to(torch.float64) for images in (real, fake))
+    real_x, fake_x = (misc.uint8_to_model_range(images).to(torch.float64) for images in (real, fake))
     assert guidance.log_ratio(real_x, sigma).mean() > guidance.log_ratio(fake_x, sigma).mean()
 
 def test_at_64_px_the_networks_see_the_cosine_schedule_time():

@@ -1,4 +1,6 @@
-"""Small tensor and module utilities used across training and sampling."""
+"""Small tensor and module utilities used across training and sampling: cached constants, the
+parameters, buffers and device of a module, uint8 <-> [-1, 1] image values, DDP helpers, the
+resumable infinite sampler and a module summary."""
 
 import contextlib
 import re
@@ -55,6 +57,25 @@ def copy_params_and_buffers(src_module, dst_module, require_all=False):
         if src.shape != tensor.shape:
             raise ValueError(f'Shape mismatch for "{name}": source {tuple(src.shape)}, destination {tuple(tensor.shape)}')
         tensor.copy_(src)
+
+def module_device(module, default=torch.device('cpu')):
+    """The device of the first parameter of `module` (else of its first buffer); `default` for a
+    module that holds neither."""
+    for tensor in params_and_buffers(module):
+        return tensor.device
+    return torch.device(default)
+
+#----------------------------------------------------------------------------
+# Image values. Datasets and image files hold uint8 pixels 0..255; networks see [-1, 1].
+
+def uint8_to_model_range(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (or uint8-valued) images -> `dtype` values in [-1, 1]: x / 127.5 - 1, in that order.
+    TorchScript-compatible, so that exported detectors can call it."""
+    return images.to(dtype) / 127.5 - 1
+
+def model_range_to_uint8(images):
+    """[-1, 1] images -> uint8 0..255, rounded to nearest as EDM rounds: x * 127.5 + 128, clipped, truncated."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 #----------------------------------------------------------------------------
 # DistributedDataParallel helpers.

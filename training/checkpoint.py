@@ -102,7 +102,7 @@ def to_native(net):
     native.train(net.training)
     for src, dst in zip(net.parameters(), native.parameters()):
         dst.requires_grad_(src.requires_grad)
-    return native.to(next(iter(misc.params_and_buffers(net))).device)
+    return native.to(misc.module_device(net))
 
 #----------------------------------------------------------------------------
 

@@ -114,7 +114,7 @@ def accumulate_gradients(ddp, loss_fn, next_batch, num_rounds, loss_weight, augm
     """
     for index in range(num_rounds):
         images, labels = next_batch()
-        model_images = images.to(device).to(torch.float32) / 127.5 - 1 # [0, 255] -> [-1, 1]
+        model_images = misc.uint8_to_model_range(images.to(device))
         with misc.ddp_sync(ddp, sync=(index + 1 == num_rounds)):
             per_pixel_loss = loss_fn(net=ddp, images=model_images, labels=labels.to(device), augment_pipe=augment_pipe)
             training_stats.report('Loss/loss', per_pixel_loss)

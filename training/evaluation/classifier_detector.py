@@ -13,6 +13,7 @@ import torch
 import tqdm
 
 import dnnlib
+from torch_utils import misc
 
 #----------------------------------------------------------------------------
 
@@ -41,7 +42,7 @@ class ClassifierDetector(torch.nn.Module):
 
     def forward(self, images: torch.Tensor, return_features: bool = False) -> torch.Tensor:
         # uint8 RGB or grayscale in [0, 255]; colour is averaged away (fid.py repeats grayscale to RGB).
-        x = images.to(torch.float32).mean(dim=1, keepdim=True) / 127.5 - 1
+        x = misc.uint8_to_model_range(images.to(torch.float32).mean(dim=1, keepdim=True))
         if x.shape[2] != self.resolution or x.shape[3] != self.resolution:
             x = torch.nn.functional.interpolate(x, size=[self.resolution, self.resolution], mode='bilinear', antialias=True, align_corners=False)
         features = self.body(x)

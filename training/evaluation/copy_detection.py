@@ -20,6 +20,7 @@ import torch
 import tqdm
 
 from torch_utils import distributed as dist
+from torch_utils import misc
 from training import dataset as dataset_lib
 from training.evaluation import feature_detectors
 
@@ -83,9 +84,7 @@ class SSCDModel:
 
     @property
     def device(self):
-        for tensor in list(self.module.parameters()) + list(self.module.buffers()):
-            return tensor.device
-        return torch.device('cpu')
+        return misc.module_device(self.module)
 
     def __call__(self, images):
         """Normalized float32 [N, 3, 320, 320] -> L2-normalized float32 [N, D] descriptors."""

@@ -11,7 +11,7 @@ Alongside, the variance error compares the variance of the sampled x_t with that
 inputs at the same sigma (both the mean over samples of the variance of one sample's C*H*W values,
 x in EDM scaling x = y + sigma n): variance_error = Var(sampled) / Var(training) - 1.
 
-Calibration (not in any of the original codebases): epsilon scaling divides eps by lambda_i, so the
+Calibration: epsilon scaling divides eps by lambda_i, so the
 scaler that makes the sampling norm equal the single-step norm at step i is
 r_i = consecutive_i / single_step_i. A constant scaler and a linear schedule lambda_i = a + kappa i
 are least-squares fits of r_i, weighted so that steps count by their single-step norm:
@@ -33,6 +33,7 @@ import torch
 import tqdm
 
 import dnnlib
+from torch_utils import misc
 from training.sampling import epsilon_scaling
 from training.sampling import generation
 from training.sampling import sampler as sampler_lib
@@ -106,13 +107,13 @@ def single_step_statistics(net, images, labels, sigmas, seed=0, batch_size=256, 
     images: uint8 NCHW; labels: float one-hot [N, label_dim] or None. `progress`: a tqdm description
     to show a bar per noise level.
     """
-    device = next(iter(list(net.parameters()) + list(net.buffers())), torch.zeros([])).device
+    device = misc.module_device(net)
     generator = torch.Generator().manual_seed(seed)
     norms, variances = [], []
     for sigma in tqdm.tqdm(sigmas, desc=progress, unit='step', leave=False, disable=(progress is None)):
         norm_sum, variance_sum = 0.0, 0.0
         for start in range(0, len(images), batch_size):
-            y = torch.as_tensor(images[start:start + batch_size]).to(torch.float64) / 127.5 - 1
+            y = misc.uint8_to_model_range(torch.as_tensor(images[start:start + batch_size]), torch.float64)
             n = torch.randn(y.shape, generator=generator, dtype=torch.float64)
             x = (y + float(sigma) * n).to(device)
             batch_labels = torch.as_tensor(labels[start:start + batch_size]).to(device) if labels is not None else None

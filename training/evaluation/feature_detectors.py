@@ -21,6 +21,7 @@ import pickle
 import torch
 
 import dnnlib
+from torch_utils import misc
 from training import bundled
 from training import safety
 
@@ -125,9 +126,7 @@ class FeatureDetector:
 
     @property
     def device(self):
-        for tensor in list(self.module.parameters()) + list(self.module.buffers()):
-            return tensor.device
-        return torch.device('cpu')
+        return misc.module_device(self.module)
 
     def __call__(self, images):
         """uint8 [N, C, H, W] -> float32 [N, D]; grayscale is repeated to RGB as in EDM."""

@@ -2,17 +2,17 @@
 
 FID = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))   (Heusel et al. 2017, eq. 6).
 
-The usual code takes scipy.linalg.sqrtm of the non-symmetric product S1 S2: slow at d=2048 (13 s on
-2 CPU cores with SciPy 1.16, over a minute with older versions) and, for rank-deficient covariances
-(fewer images than feature dimensions, a collapsed model), prone to NaN or complex results. Only the trace is needed, and it equals the sum of
-square roots of the eigenvalues of a SYMMETRIC positive semi-definite matrix: with S1 = F F^T,
+Only the trace of the square root is needed, and it equals the sum of square roots of the
+eigenvalues of a SYMMETRIC positive semi-definite matrix: with S1 = F F^T,
 
     eig(S1 S2) = eig(F F^T S2) = eig(F^T S2 F)   (plus zeros),
 
 so tr((S1 S2)^(1/2)) = sum_i sqrt(max(lambda_i(F^T S2 F), 0)). F is the Cholesky factor when S1 is
 positive definite, or V diag(sqrt(lambda)) from an eigen-decomposition when it is singular. Every
-step is a backward-stable symmetric routine, the result is real by construction, and it takes about
-1 s at d=2048 (benchmarks/frechet_distance.py).
+step is a backward-stable symmetric routine, so the result is real by construction, also for
+rank-deficient covariances (fewer images than feature dimensions, a collapsed model), and it takes
+about 1 s at d=2048 (benchmarks/frechet_distance.py; docs/differences.md compares it with the
+scipy.linalg.sqrtm route).
 """
 
 import os

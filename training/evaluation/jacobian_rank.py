@@ -8,8 +8,7 @@ The rank of J = dD(x; sigma)/dx is its effective rank: the smallest k with
 for the singular values s_1 >= s_2 >= ... of J (n = C*H*W).
 
 - Exact: the whole n x n Jacobian from batched vector-Jacobian products (torch.func.vmap over
-  torch.func.vjp: one forward pass, the backward passes vectorized in chunks) and its SVD. The
-  original takes one backward pass per output pixel.
+  torch.func.vjp: one forward pass, the backward passes vectorized in chunks) and its SVD.
 - Fast: a randomized range finder (Halko et al. 2011, Alg. 4.1) with Jacobian-vector products
   (forward mode), projected with vector-Jacobian products, plus a Hutchinson estimate of the energy
   the sketch missed. The sketch grows until that bound fixes the rank; a rank above about n/4 ends

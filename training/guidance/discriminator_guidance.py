@@ -28,6 +28,7 @@ import torch
 
 from training.guidance import adm_encoder
 from training.sampling import denoisers
+from training.sampling import sampler as sampler_lib
 
 #----------------------------------------------------------------------------
 # The VP-SDE the classifier and discriminator were trained on.
@@ -46,8 +47,8 @@ def vp_marginal(t):
 
 def vp_time_from_sigma(sigma):
     """The VP time tau with std / mean = sigma (EDM's sigma): solves exp(integral beta) = 1 + sigma^2."""
-    b = VP_BETA_MAX - VP_BETA_MIN
-    return (torch.sqrt(VP_BETA_MIN ** 2 + 2 * b * torch.log1p(sigma ** 2)) - VP_BETA_MIN) / b
+    # log1p rather than the sampler's log(sigma^2 + 1): exact at small sigma, and what DG's times have always been here.
+    return sampler_lib.vp_time_from_integral(torch.log1p(sigma ** 2), VP_BETA_MAX - VP_BETA_MIN, VP_BETA_MIN)
 
 def cosine_time_from_linear(t):
     """The time of the cosine schedule (ADM's 64 px models) whose signal level sqrt(alpha_bar) equals the linear VP one at t."""
@@ -77,8 +78,7 @@ def sample_importance_time(num, t_min=1e-5, generator=None, device=None):
     a_min, a_max = vp_importance_antiderivative(t_min), vp_importance_antiderivative(torch.tensor(1.0, dtype=torch.float64))
     u = torch.rand(num, generator=generator, dtype=torch.float64, device=device)
     integral = torch.log1p(torch.exp(a_min + u * (a_max - a_min))) # I(t)
-    b = VP_BETA_MAX - VP_BETA_MIN
-    t = (torch.sqrt(VP_BETA_MIN ** 2 + 2 * b * integral) - VP_BETA_MIN) / b
+    t = sampler_lib.vp_time_from_integral(integral, VP_BETA_MAX - VP_BETA_MIN, VP_BETA_MIN)
     return t.to(torch.float32).to(device)
 
 def importance_density(t, t_min=1e-5):

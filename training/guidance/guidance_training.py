@@ -21,6 +21,7 @@ import torch
 import tqdm
 
 import dnnlib
+from torch_utils import misc
 from training.guidance import adm_encoder
 from training import dataset as dataset_lib
 from training.guidance import discriminator_guidance as dg
@@ -46,10 +47,6 @@ def load_image_set(path, need_labels=False, max_size=None):
 def has_class_labels(path):
     """Whether the images at path come with class labels (dataset.json, or `label` arrays in .npz files)."""
     return image_sources.open_images(path, max_size=1)._load_raw_labels() is not None
-
-def to_model_range(images):
-    """uint8 images -> float32 in [-1, 1] (DG's 2 x - 1 of ToTensor's [0, 1])."""
-    return images.to(torch.float32) / 127.5 - 1
 
 def save_state_dict(path, module):
     with dnnlib.util.atomic_write(path) as f:
@@ -138,7 +135,7 @@ def train_discriminator(classifier, real_images, fake_images, outdir, real_label
         means = EpochMeans(device)
         bar = tqdm.tqdm(batches, desc=f'epoch {epoch}/{epochs}', unit='batch', disable=not progress)
         for batch_idx, idx in enumerate(bar):
-            x0 = to_model_range(images[idx]).to(device)
+            x0 = misc.uint8_to_model_range(images[idx]).to(device)
             t = dg.sample_importance_time(len(idx), generator=noise_gen, device=device)
             x_t = dg.diffuse(x0, t, generator=noise_gen)
             t_in = dg.classifier_time(t, resolution)
@@ -196,7 +193,7 @@ def train_classifier(images, outdir, labels=None, epochs=10, batch_size=128, lr=
         batches = shuffled_batches(len(images), batch_size, order_gen)
         bar = tqdm.tqdm(batches, desc=f'epoch {epoch}/{epochs}', unit='batch', disable=not progress)
         for batch_idx, idx in enumerate(bar):
-            x0 = to_model_range(images[idx]).to(device)
+            x0 = misc.uint8_to_model_range(images[idx]).to(device)
             y = labels[idx].to(device) if labels is not None else None
             if y is None:
                 x0, y = rotate_for_self_supervision(x0, noise_gen)

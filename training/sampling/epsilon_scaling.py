@@ -16,10 +16,9 @@ eps = (x - D(x; sigma)) / sigma, so the scaled denoiser is
 --scaling=vp the sampler state is x_state = s(t) x and the ODE direction is
     dx_state/dt = (sigma'/sigma + s'/s) x_state - sigma' s / sigma * D(x_state / s; sigma),
 which uses D only through eps = (x_state / s - D) / sigma. Scaling that eps means
-D' = x_state / s - (x_state / s - D) / lambda. The EDM-ES fork instead forms (x_state - D) / sigma
-with the still-scaled x_state, which is not the predicted noise when s != 1, and it scales only
-the Euler evaluation of its generalized sampler, not the 2nd-order correction; both are corrected
-here by wrapping the denoiser, which every evaluation goes through.
+D' = x_state / s - (x_state / s - D) / lambda, which is what wrapping the denoiser gives. Every
+evaluation goes through the wrapper: the Euler step and Heun's correction, in EDM's sampler and in
+the generalized one. (How this differs from the EDM-ES code: docs/differences.md.)
 """
 
 from training.sampling import denoisers

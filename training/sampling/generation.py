@@ -14,6 +14,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils import misc
 from training import bundled
 from training import checkpoint
 from training.sampling import denoisers
@@ -177,7 +178,7 @@ def save_image_grid(path, images, grid_width=None, spacing=None, background=255)
 
 def to_uint8(images):
     """[-1, 1] float NCHW -> uint8 NHWC numpy, rounded as EDM does."""
-    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return misc.model_range_to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
 def class_labels_for_seeds(net, rnd, batch_size, class_idx=None, device=None):
     """One-hot labels: drawn from each seed's generator, or all `class_idx`; None if unconditional."""

@@ -11,8 +11,7 @@ against it. Evaluating it means comparing x with every image. Here that is ONE s
 data per call: distances come from matrix products (||x||^2 is the same for every i and cancels in the
 softmax, so only x.y_i - ||y_i||^2 / 2 is needed), and the softmax is accumulated with a running
 maximum (log-sum-exp), so nothing of size batch x N x C x H x W is ever formed and tiny sigma far
-from every image gives no NaN. The original takes two passes over the data (one for the maximum,
-one for the sums), each broadcasting x - y_i over pixels.
+from every image gives no NaN.
 
 Where the images live: in host memory, always; on the device of x too when they fit (a copy made at
 the first call there, when the images take at most RESIDENT_FRACTION of the device's free memory).
@@ -23,15 +22,12 @@ so both paths give the same numbers. `resident=True/False` forces one path.
 
 import torch
 
+from torch_utils import misc
 from training import dataset as dataset_lib
 
 #----------------------------------------------------------------------------
 
 RESIDENT_FRACTION = 0.5 # Of the device's free memory; the rest is for the sampler's and the chunks' working memory.
-
-def images_to_float64(images):
-    """uint8 images -> float64 in [-1, 1], the networks' data range."""
-    return images.to(torch.float64) / 127.5 - 1
 
 class OptimalDenoiser(torch.nn.Module):
     """D(x; sigma) = E[y | x] for y drawn uniformly from a set of images.
@@ -62,7 +58,7 @@ class OptimalDenoiser(torch.nn.Module):
                 self.host_images = self.host_images.pin_memory() # Chunks then copy asynchronously.
             except RuntimeError: # Too much to pin: pageable memory works too, with synchronous copies.
                 pass
-        self.register_buffer('half_sq_norms', torch.cat([images_to_float64(chunk).square().sum(dim=1) * 0.5 for chunk in self.host_images.split(chunk_size)]))
+        self.register_buffer('half_sq_norms', torch.cat([misc.uint8_to_model_range(chunk, torch.float64).square().sum(dim=1) * 0.5 for chunk in self.host_images.split(chunk_size)]))
         self._device_images = None
 
     @classmethod
@@ -119,7 +115,7 @@ class OptimalDenoiser(torch.nn.Module):
         weight_sum = torch.zeros([x.shape[0], 1], dtype=torch.float64, device=x.device)
         weighted_images = torch.zeros_like(x)
         for images, half_sq_norms in zip(self.image_chunks(x.device), self.half_sq_norms.to(x.device).split(self.chunk_size)):
-            y = images_to_float64(images)
+            y = misc.uint8_to_model_range(images, torch.float64)
             logits = (x @ y.T - half_sq_norms) * inv_var # -||x - y||^2 / (2 sigma^2) + a constant per row.
             new_max = torch.maximum(running_max, logits.max(dim=1, keepdim=True).values)
             rescale = torch.exp(running_max - new_max) # 0 on the first chunk (exp(-inf)).

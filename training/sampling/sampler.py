@@ -38,8 +38,13 @@ def vp_sigma_deriv(beta_d, beta_min):
     sigma = vp_sigma(beta_d, beta_min)
     return lambda t: 0.5 * (beta_min + beta_d * t) * (sigma(t) + 1 / sigma(t))
 
+def vp_time_from_integral(integral, beta_d, beta_min):
+    """The VP time t >= 0 at which the integral of beta, beta_min t + beta_d t^2 / 2, equals `integral`
+    (a tensor); at noise level sigma that integral is log(1 + sigma^2)."""
+    return ((beta_min ** 2 + 2 * beta_d * integral).sqrt() - beta_min) / beta_d
+
 def vp_sigma_inv(beta_d, beta_min):
-    return lambda sigma: ((beta_min ** 2 + 2 * beta_d * (sigma ** 2 + 1).log()).sqrt() - beta_min) / beta_d
+    return lambda sigma: vp_time_from_integral((sigma ** 2 + 1).log(), beta_d, beta_min)
 
 def iddpm_sigmas(M=1000, C_1=0.001, C_2=0.008, device=None):
     """The M+1 noise levels u_0 > ... > u_M = 0 of the iDDPM cosine schedule (EDM Appendix C.3.4)."""

@@ -8,16 +8,16 @@ or below that index) and `--window` (candidates within window/2 on each side) ar
 
 Two rules, both as small parts of the single sampler loop (`before_step` / `after_step` hooks):
 
-released (default; the authors' ADM code, DDIM path, `ddim_sample` / `get_next_time_window`):
+released (the rule of the authors' released ADM code, DDIM path; docs/differences.md):
     at step i >= 1 with scheduled index k_i > cutoff, from the current sample x (VP-scaled),
         v    = unbiased variance of the C*H*W values of x,
         k_s  = argmin_{k in [k_i - w//2, k_i + w//2]} (v - abar[M-1-k])^2,
     the network is still evaluated at the scheduled t_i, but the DDIM step lands at
         abar[k_s - (M // (N - 1)) - 1]
-    instead of at t_{i+1} (N = sampling steps). Two quirks are kept on purpose: abar[M-1-k], the
-    reversed array, stands in for 1 - abar[k] (close for the cosine schedule only), and the
-    landing index subtracts a uniform stride even for non-uniform schedules. The next step then
-    treats the landed VP sample as if it were at the scheduled t_{i+1}.
+    instead of at t_{i+1} (N = sampling steps). abar[M-1-k], the reversed array, stands in for
+    1 - abar[k] (close for the cosine schedule only), and the landing index subtracts a uniform
+    stride even for non-uniform schedules; a landing index below 0 lands at sigma = 0. The next
+    step then treats the landed VP sample as if it were at the scheduled t_{i+1}.
 
 paper (the rule as the paper states it, for any discretization and solver):
     before step i >= 1 with scheduled index k_i > cutoff,
