@@ -19,9 +19,11 @@ The mean term and tr S* are exact per resample. The last term is computed in one
 
   exact:      eigvalsh(R S* R) per resample (d^3 per resample; needs every M_b: B d^2 floats).
   expansion:  f(S) = tr (R S R)^(1/2) expanded to second order around the full-set covariance S
-              (see ResampledFrechet): one eigen-decomposition, one N d^2 pass for the block second
-              moments in its eigenbasis and a B x B matrix, then O(B^2) per resample. The neglected
-              terms are third order; benchmarks/fid_bootstrap.py --validate compares it with exact.
+              (see ResampledFrechet): one N d^2 pass for S, one eigen-decomposition, one N d^2 pass
+              for the block second moments in its eigenbasis and a B x B matrix, then O(B^2) per
+              resample. The neglected terms are third order; benchmarks/fid_bootstrap.py --validate
+              compares it with exact. The passes multiply float32 chunks and sum them in float64
+              (see BlockStatistics): FID agrees with float64 arithmetic to about 1e-9 relative.
 
 'auto' takes the exact route for d <= 256 and the expansion above.
 
@@ -76,7 +78,7 @@ class FeatureSet:
         return self.features.shape[1]
 
     def sorted_by_seed(self):
-        if self.seeds is None:
+        if self.seeds is None or np.all(self.seeds[1:] > self.seeds[:-1]):
             return self
         order = np.argsort(self.seeds, kind='stable')
         return FeatureSet(self.features[order], self.seeds[order], self.source)
@@ -185,18 +187,29 @@ def block_index(num_images, num_blocks):
             f'use more images or fewer blocks (--blocks={max(num_images // 2, 1)} at most)')
     return (np.arange(num_images) * num_blocks) // num_images
 
+CHUNK_ROWS = 1024      # Rows per float32 product of the second-moment passes.
+GRAM_COLUMNS = 8192    # Matrix entries per float32 product of the expansion's Gram matrix.
+
 class BlockStatistics:
     """Per-block moments of one feature set, about the full-set mean, for the resampled Frechet distance.
 
     Rows are in seed order and blocks are runs of consecutive rows. counts [B], sums [B, D],
-    sq_norms [B] (tr M_b), and on the exact route second [B, D, D] (M_b); the expansion route
-    asks transformed_second_moments() for the same in the eigenbasis of R S R.
+    sq_norms [B] (tr M_b), and on the exact route second [B, D, D] (M_b); the expansion route keeps
+    the full second moment instead and asks transformed_second_moments() for the blocks' moments in
+    the eigenbasis of R S R. The centre m is the mean rounded to float32, so that float32 features
+    minus m are float32 products' exact inputs; sums about m carry the rest of the mean.
+
+    The N D^2 passes of the expansion route multiply float32 chunks of centred rows and add the
+    products into float64 sums: a chunk's rounding is relative 1e-7 of its own sum and independent
+    across chunks, so the moments of N rows are good to about 1e-7 / sqrt(N / CHUNK_ROWS), far below
+    the float32 features' own precision. Diagonals, which carry tr S exactly, are summed in float64.
     """
     def __init__(self, features, blocks, num_blocks, exact):
         self.num_blocks, self.exact = num_blocks, exact
         self.features = features
         self.bounds = np.searchsorted(blocks, np.arange(num_blocks + 1)) # Block b is rows bounds[b]:bounds[b + 1].
-        self.center = features.astype(np.float64).mean(axis=0)
+        self.center32 = features.mean(axis=0, dtype=np.float64).astype(np.float32)
+        self.center = self.center32.astype(np.float64)
         self.counts = np.diff(self.bounds).astype(np.float64)
         d = features.shape[1]
         self.sums = np.zeros([num_blocks, d])
@@ -207,38 +220,54 @@ class BlockStatistics:
             self.sq_norms[b] = np.square(x).sum()
             if exact:
                 self.second[b] = x.T @ x
+        self.full_second = self.second.sum(axis=0) if exact else self.second_moment(np.arange(len(features)))
 
     def _centered_blocks(self, block_mask=None):
         for b in range(self.num_blocks):
             if block_mask is None or block_mask[b]:
                 yield b, self.features[self.bounds[b]:self.bounds[b + 1]].astype(np.float64) - self.center
 
+    def block_rows(self, block_mask):
+        return np.concatenate([np.arange(self.bounds[b], self.bounds[b + 1]) for b in np.flatnonzero(block_mask)])
+
+    def second_moment(self, rows):
+        """Sum of (x - m)(x - m)^T over the given rows, [D, D] float64 (float32 products of row chunks)."""
+        d = self.features.shape[1]
+        second, diagonal = np.zeros([d, d]), np.zeros(d)
+        for start in range(0, len(rows), CHUNK_ROWS):
+            x = self.features[rows[start:start + CHUNK_ROWS]] - self.center32
+            second += x.T @ x
+            diagonal += np.square(x, dtype=np.float64).sum(axis=0)
+        second[np.diag_indices(d)] = diagonal
+        return second
+
     def covariance(self, block_mask):
-        """Mean and unbiased covariance of the rows in the blocks of block_mask (one pass over them unless exact)."""
+        """Mean and unbiased covariance of the rows in the blocks of block_mask (one pass over them unless exact or all blocks)."""
+        block_mask = np.asarray(block_mask, dtype=bool)
         n = self.counts[block_mask].sum()
         mean_offset = self.sums[block_mask].sum(axis=0) / n
-        if self.exact:
+        if block_mask.all():
+            second = self.full_second
+        elif self.exact:
             second = self.second[block_mask].sum(axis=0)
         else:
-            second = np.zeros([self.features.shape[1]] * 2)
-            for _b, x in self._centered_blocks(block_mask):
-                second += x.T @ x
+            second = self.second_moment(self.block_rows(block_mask))
         sigma = (second / n - np.outer(mean_offset, mean_offset)) * (n / (n - 1))
         return self.center + mean_offset, _symmetric(sigma)
 
     def transformed_second_moments(self, transform):
-        """[B, D, D] float32 block second moments of y = (x - m) @ transform, block by block.
-
-        float32 products suffice: these carry only the resamples' fluctuations, O(1/sqrt(N)) of
-        the statistics, and float32 halves the time of this pass at D = 2048.
-        """
-        transform32, center32 = transform.astype(np.float32), self.center.astype(np.float32)
+        """Block second moments C_b of y = (x - m) @ transform: diagonals [B, D] in float64 and the
+        entries above the diagonal [B, D (D - 1) / 2] (row by row) in float32, block by block."""
+        transform32 = transform.astype(np.float32)
         d = transform.shape[1]
-        second = np.empty([self.num_blocks, d, d], dtype=np.float32)
+        above = np.flatnonzero(np.triu(np.ones([d, d], dtype=bool), k=1))
+        diagonals = np.empty([self.num_blocks, d])
+        upper = np.empty([self.num_blocks, len(above)], dtype=np.float32)
         for b in range(self.num_blocks):
-            y = (self.features[self.bounds[b]:self.bounds[b + 1]] - center32) @ transform32
-            second[b] = y.T @ y
-        return second
+            y = (self.features[self.bounds[b]:self.bounds[b + 1]] - self.center32) @ transform32
+            diagonals[b] = np.square(y, dtype=np.float64).sum(axis=0)
+            upper[b] = (y.T @ y).ravel()[above]
+        return diagonals, upper
 
 class ResampledFrechet:
     """FID of the block moments under any block weights, against a fixed reference.
@@ -250,9 +279,13 @@ class ResampledFrechet:
         f(S*) = f(S) + sum_i E_ii / (2 sqrt(lam_i)) + 1/2 sum_ij K_ij E_ij^2,   K_ij = -1 / (2 sqrt(lam_i lam_j) (sqrt(lam_i) + sqrt(lam_j)))
 
     (the Daleckii-Krein formula for the second derivative of a trace function). With y = (x - m) R V
-    and C_b the block second moments of y, E = sum_b alpha_b C_b - rank-one mean term - diag(lam),
-    alpha_b = w_b n*/(n*-1)/n*, so the quadratic term is (alpha - alpha_1)^T H (alpha - alpha_1) with
-    the B x B matrix H_bc = <K, C_b o C_c> computed once; the mean's rank-one part enters the first
+    and C_b the block second moments of y, E = sum_b delta_b C_b - rank-one mean term, delta_b =
+    alpha_b - 1/(n-1), alpha_b = w_b n*/(n*-1)/n*. Split C_b = D_b + n_b diag(c) around the average
+    moment per image c, so that sum_b D_b = 0: the quadratic term is then 1/2 (delta^T H delta +
+    2 t g^T delta + t^2 k) with t = sum_b delta_b n_b, the B x B matrix H_bc = <K, D_b o D_c>,
+    g_b = <K, D_b o diag(c)> and k = <K, diag(c)^2>, all computed once. H holds fluctuations only,
+    so its entries above the diagonal are float32 products (summed in float64 per GRAM_COLUMNS)
+    without the cancellation that the full C_b would bring. The mean's rank-one part enters the first
     order term exactly and the quadratic one only at third order, which is dropped. The first-order
     term alone (a "linearized" bootstrap) is too narrow whenever FID is not large against its own
     finite-N bias: near equal distributions the gradient vanishes and the quadratic part dominates.
@@ -267,23 +300,28 @@ class ResampledFrechet:
         mu, sigma = stats.covariance(full)
         inner = _symmetric(ref.root @ sigma @ ref.root)
         eigvals, eigvecs = scipy.linalg.eigh(inner, check_finite=False)
-        positive = eigvals > max(eigvals[-1], 0) * len(eigvals) * 1e-10 # Directions the expansion cannot follow are left out.
+        positive = eigvals > max(eigvals[-1], 0) * len(eigvals) * 1e-10 # Directions the expansion cannot follow keep their value of f(S).
         lam = eigvals[positive]
-        self.sqrt_trace = float(np.sqrt(lam).sum())
+        self.sqrt_trace = float(np.sqrt(eigvals.clip(min=0)).sum())
         self.fid = float(max(np.square(mu - ref.mu).sum() + np.trace(sigma) + ref.trace - 2 * self.sqrt_trace, 0))
         transform = ref.root @ eigvecs[:, positive]
-        second = stats.transformed_second_moments(transform)
+        diagonals, upper = stats.transformed_second_moments(transform)
         root = np.sqrt(lam)
-        # First order: <G, M_b> = 1/2 sum_i (C_b)_ii / sqrt(lam_i); G itself acts on mean offsets.
-        self.quad = 0.5 * (np.diagonal(second, axis1=1, axis2=2).astype(np.float64) / root).sum(axis=1)
-        self.gradient = _symmetric(0.5 * (transform / root) @ transform.T)
-        kernel = (-0.5 / (root[:, None] * root[None, :] * (root[:, None] + root[None, :]))).ravel()
-        flat = second.reshape(stats.num_blocks, -1)
-        self.gram = np.zeros([stats.num_blocks, stats.num_blocks])
-        for start in range(0, flat.shape[1], 1 << 18): # float64 sums in column chunks: the quadratic form cancels to O(D/N).
-            part = flat[:, start:start + (1 << 18)].astype(np.float64)
-            self.gram += part @ (part * kernel[start:start + (1 << 18)]).T
-        del second, flat
+        # First order: <G, M_b> = 1/2 sum_i (C_b)_ii / sqrt(lam_i) with G = 1/2 T diag(1/sqrt(lam)) T^T, which acts on mean offsets too.
+        self.quad = 0.5 * (diagonals / root).sum(axis=1)
+        self.transform, self.root = transform, root
+        kernel = -0.5 / (root[:, None] * root[None, :] * (root[:, None] + root[None, :]))
+        per_image = diagonals.sum(axis=0) / self.num_images
+        centred = diagonals - stats.counts[:, None] * per_image # Diagonals of D_b.
+        kernel_diagonal = np.diagonal(kernel)
+        self.gram = (centred * kernel_diagonal) @ centred.T
+        upper *= np.sqrt(-2 * kernel[np.triu_indices(len(lam), k=1)]).astype(np.float32) # Each entry above the diagonal stands for two.
+        for start in range(0, upper.shape[1], GRAM_COLUMNS):
+            part = upper[:, start:start + GRAM_COLUMNS]
+            self.gram -= part @ part.T
+        del upper
+        self.gram_cross = (centred * kernel_diagonal * per_image).sum(axis=1)
+        self.gram_mean = float((kernel_diagonal * np.square(per_image)).sum())
         n = self.num_images
         self.alpha_full = np.full(stats.num_blocks, 1 / (n - 1))
         self.base_inner = self._inner(np.ones([1, stats.num_blocks]))[0] # <G, S> from the same sums as the resamples.
@@ -302,7 +340,7 @@ class ResampledFrechet:
 
     def _inner(self, weights):
         n, offset, scale = self._moments(weights)
-        return scale * ((weights @ self.quad) / n - np.einsum('ri,ij,rj->r', offset, self.gradient, offset))
+        return scale * ((weights @ self.quad) / n - 0.5 * (np.square(offset @ self.transform) / self.root).sum(axis=1))
 
     def __call__(self, weights):
         """FID of each resample: weights [R, B] (block counts) -> (fid [R], images [R])."""
@@ -320,8 +358,9 @@ class ResampledFrechet:
                 eigvals = np.linalg.eigvalsh((inner + inner.transpose(0, 2, 1)) * 0.5)
                 sqrt_trace[part] = np.sqrt(eigvals.clip(min=0)).sum(axis=1)
         else:
-            alpha = weights * (scale / n)[:, None] - self.alpha_full
-            second_order = 0.5 * np.einsum('rb,bc,rc->r', alpha, self.gram, alpha)
+            delta = weights * (scale / n)[:, None] - self.alpha_full
+            total = delta @ self.stats.counts
+            second_order = 0.5 * (((delta @ self.gram) * delta).sum(axis=1) + 2 * total * (delta @ self.gram_cross) + np.square(total) * self.gram_mean)
             sqrt_trace = self.sqrt_trace + self._inner(weights) - self.base_inner + second_order
         return np.maximum(mean_term + trace + self.ref.trace - 2 * sqrt_trace, 0), n
 
