@@ -1,10 +1,11 @@
-"""FID with uncertainty: bootstrap intervals over seed blocks, paired comparisons, and FID-infinity.
+"""FID with uncertainty: bootstrap intervals over seed blocks, paired comparisons, FID-infinity; and KID.
 
 Use:
     features = load_features('a.npz')                        # or FeatureSet(features, seeds)
     ref = ReferenceRoot(ref_mu, ref_sigma)
     result = fid_with_interval(features, ref)                # result['fid'], result['ci'], result['fid_inf'], ...
     result = paired_comparison(features_a, features_b, ref)  # result['difference'], result['ci'], ...
+    result = kid_with_error(features, ref_features)          # result['kid'], result['kid_se'], ...
 
 The generated images are split into blocks of consecutive seeds (default 100 blocks). Each
 bootstrap resample draws blocks with replacement, i.e. multinomial counts w_b; the resampled mean
@@ -49,6 +50,8 @@ DEFAULT_BLOCKS = 100
 DEFAULT_RESAMPLES = 200
 EXACT_MAX_DIM = 256
 FID_INF_FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)
+CHUNK_ROWS = 1024      # Rows per product of the second-moment passes.
+GRAM_COLUMNS = 8192    # Matrix entries per float32 product of the expansion's Gram matrix.
 
 class UncertaintyError(Exception):
     """Input the statistics cannot use; the message is one line meant for the user as is."""
@@ -172,6 +175,16 @@ def sqrt_trace_and_gradient(ref, sigma, with_gradient=True):
     inv_root = (eigvecs[:, positive] / np.sqrt(eigvals[positive])) @ eigvecs[:, positive].T
     return float(np.sqrt(eigvals[positive]).sum()), _symmetric(0.5 * ref.root @ inv_root @ ref.root)
 
+def mean_and_covariance(feature_set):
+    """(mu, sigma) of the features in float64 with the unbiased covariance, as FeatureMoments gives them from images."""
+    x = feature_set.features
+    mu = x.mean(axis=0, dtype=np.float64)
+    second = np.zeros([x.shape[1]] * 2)
+    for start in range(0, len(x), CHUNK_ROWS):
+        centred = x[start:start + CHUNK_ROWS].astype(np.float64) - mu
+        second += centred.T @ centred
+    return mu, _symmetric(second / (len(x) - 1))
+
 def check_dims(feature_set, ref):
     if feature_set.dim != ref.dim:
         raise UncertaintyError(f'{feature_set.source} holds {feature_set.dim}-dimensional features, but the reference statistics '
@@ -186,9 +199,6 @@ def block_index(num_images, num_blocks):
         raise UncertaintyError(f'{num_images} images in {num_blocks} blocks leaves fewer than 2 images per block; '
             f'use more images or fewer blocks (--blocks={max(num_images // 2, 1)} at most)')
     return (np.arange(num_images) * num_blocks) // num_images
-
-CHUNK_ROWS = 1024      # Rows per float32 product of the second-moment passes.
-GRAM_COLUMNS = 8192    # Matrix entries per float32 product of the expansion's Gram matrix.
 
 class BlockStatistics:
     """Per-block moments of one feature set, about the full-set mean, for the resampled Frechet distance.
@@ -472,6 +482,59 @@ def paired_comparison(set_a, set_b, ref, num_blocks=DEFAULT_BLOCKS, num_resample
         confidence=confidence, method='exact' if stats_a.exact else 'expansion')
 
 #----------------------------------------------------------------------------
+# Kernel Inception Distance (Binkowski et al., "Demystifying MMD GANs", ICLR 2018).
+
+KID_SUBSET_SIZE = 1000
+
+def polynomial_kernel(x, y):
+    """k(x, y) = (x . y / d + 1)^3 between all rows of x [m, d] and y [n, d], float64 [m, n] (KID's kernel)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    return np.power(x @ y.T / x.shape[1] + 1, 3)
+
+def unbiased_mmd2(x, y):
+    """Unbiased estimate of MMD^2 between the distributions of the rows of x and y (Gretton et al. 2012, eq. 3):
+    the means of k over pairs of distinct rows within x and within y, minus twice its mean over all pairs across."""
+    m, n = len(x), len(y)
+    within_x, within_y = polynomial_kernel(x, x), polynomial_kernel(y, y)
+    return float((within_x.sum() - np.trace(within_x)) / (m * (m - 1)) + (within_y.sum() - np.trace(within_y)) / (n * (n - 1))
+        - 2 * polynomial_kernel(x, y).mean())
+
+def check_kid_sizes(num_images, num_reference, subset_size, source):
+    """UncertaintyError unless there are two disjoint subsets of images and one of reference features."""
+    if subset_size < 2:
+        raise UncertaintyError(f'A KID subset needs at least 2 images, got a subset size of {subset_size}')
+    if num_images < 2 * subset_size:
+        raise UncertaintyError(f'{source}: {num_images} images make fewer than the 2 disjoint KID subsets of {subset_size} that a '
+            f'standard error needs; use more images or --kid_subset={max(num_images // 2, 2)} at most')
+    if num_reference < subset_size:
+        raise UncertaintyError(f'The reference holds features of {num_reference} images, fewer than the KID subset size {subset_size}; '
+            f'pass --kid_subset={num_reference} or less')
+
+def kid_with_error(feature_set, ref_features, subset_size=KID_SUBSET_SIZE, seed=0):
+    """KID: the mean of the unbiased MMD^2 over disjoint subsets of subset_size images, with its standard error.
+
+    The images (in seed order) are cut into S = N // subset_size disjoint runs of consecutive seeds;
+    each is compared with its own chunk of subset_size reference features, taken in turn from one
+    seeded permutation of them. When the reference holds at least S * subset_size features the S
+    estimates are independent and unbiased, so their mean is unbiased for MMD^2 and std / sqrt(S)
+    is its standard error; with fewer, chunks wrap around and share reference features
+    (`reference_reused`), and that error leaves out what the shared part varies by.
+    """
+    feature_set = feature_set.sorted_by_seed()
+    ref_features = np.asarray(ref_features, dtype=np.float32)
+    if ref_features.ndim != 2 or ref_features.shape[1] != feature_set.dim:
+        raise UncertaintyError(f'{feature_set.source} holds {feature_set.dim}-dimensional features, but the reference features have shape '
+            f'{list(ref_features.shape)}; use the detector that made the reference')
+    check_kid_sizes(len(feature_set), len(ref_features), subset_size, feature_set.source)
+    num_subsets = len(feature_set) // subset_size
+    order = np.random.default_rng(seed).permutation(len(ref_features))
+    estimates = np.array([unbiased_mmd2(feature_set.features[s * subset_size:(s + 1) * subset_size],
+        ref_features[np.take(order, np.arange(s * subset_size, (s + 1) * subset_size), mode='wrap')]) for s in range(num_subsets)])
+    return dict(kid=float(estimates.mean()), kid_se=float(estimates.std(ddof=1) / np.sqrt(num_subsets)), kid_subsets=num_subsets,
+        kid_subset_size=subset_size, kid_images_used=num_subsets * subset_size, num_images=len(feature_set),
+        num_reference=len(ref_features), reference_reused=bool(num_subsets * subset_size > len(ref_features)))
+
+#----------------------------------------------------------------------------
 # One line a paper can quote.
 
 def _pct(confidence):
@@ -483,6 +546,13 @@ def fid_line(result):
     if 'fid_inf' in result:
         line += f'; FID-infinity {result["fid_inf"]:.3f} ({_pct(result["confidence"])} CI {result["fid_inf_ci"][0]:.3f} to {result["fid_inf_ci"][1]:.3f})'
     return line
+
+def kid_line(result):
+    unused = result['num_images'] - result['kid_images_used']
+    return (f'KID {result["kid"]:.4e} (standard error {result["kid_se"]:.1e}; mean unbiased MMD^2 over {result["kid_subsets"]} disjoint '
+        f'subsets of {result["kid_subset_size"]} images' + (f' ({unused} left over)' if unused else '')
+        + f' against {result["num_reference"]} reference features' + (', reused across subsets' if result['reference_reused'] else '')
+        + ', kernel (x.y/d + 1)^3)')
 
 def comparison_line(result):
     how = f'paired over {result["num_images_a"]} common seeds' if result['paired'] else \
