@@ -31,6 +31,7 @@ The mean term and tr S* are exact per resample. The last term is computed in one
 Intervals are bootstrap percentile intervals of theta* - mean(theta*) added to the measured value:
 the bootstrap's own finite-N bias is removed, so the FID interval is one for E[FID_N], the expected
 FID of N images of this generator (not the population FD: FID_N is biased upward by O(d/N)).
+Intervals of FDs (never of FD differences) are clipped at 0 (see nonnegative_interval).
 FID-infinity (Chong & Forsyth, CVPR 2020) fits FID_n = FID_inf + k/n over nested subsets of whole
 seed blocks (default 20%, 40%, ..., 100%) and takes the intercept; each resample refits with the
 same block weights, which gives its interval. It estimates the population FD.
@@ -399,6 +400,16 @@ def centered_interval(estimate, resampled, confidence=0.95):
     lo, hi = np.quantile(spread, [alpha, 1 - alpha])
     return [float(estimate + lo), float(estimate + hi)]
 
+def nonnegative_interval(estimate, resampled, confidence=0.95):
+    """(centered_interval clipped at 0, whether it was) for a quantity that cannot be negative, as every FD.
+
+    Where FID_N is mostly its own finite-N bias (population FD near 0, few images for the dimension)
+    the resampled FDs are skewed to the right and spread wider than FID_N varies, and the centred
+    lower end can fall below 0. Clipping never excludes a value the FD can take, so coverage is unchanged.
+    """
+    lo, hi = centered_interval(estimate, resampled, confidence)
+    return [max(lo, 0.0), max(hi, 0.0)], bool(lo < 0)
+
 def choose_exact(dim, method):
     if method not in ('auto', 'exact', 'expansion'):
         raise UncertaintyError(f'Unknown method "{method}"; use auto, exact or expansion')
@@ -426,7 +437,8 @@ def fid_with_interval(feature_set, ref, num_blocks=DEFAULT_BLOCKS, num_resamples
     draws = resample_draws(num_blocks, num_resamples, seed)
     full = ResampledFrechet(stats, ref)
     resampled, _ = full(draw_weights(draws, num_blocks))
-    result = dict(fid=full.fid, ci=centered_interval(full.fid, resampled, confidence), num_images=len(feature_set),
+    ci, clipped = nonnegative_interval(full.fid, resampled, confidence)
+    result = dict(fid=full.fid, ci=ci, ci_clipped=clipped, num_images=len(feature_set),
         blocks=num_blocks, resamples=num_resamples, confidence=confidence, method='exact' if stats.exact else 'expansion')
     if fid_inf_fractions:
         # Nested subsets of whole blocks: prefixes of one random block order; in each resample the
@@ -444,7 +456,8 @@ def fid_with_interval(feature_set, ref, num_blocks=DEFAULT_BLOCKS, num_resamples
             runs.append(full(draw_weights(draws, num_blocks, m)))
         point = intercept_fit(1 / np.array(sizes), np.array(points))
         inf_resampled = intercept_fit(1 / np.stack([n for _fid, n in runs], axis=1), np.stack([fid for fid, _n in runs], axis=1))
-        result.update(fid_inf=float(point), fid_inf_ci=centered_interval(point, inf_resampled, confidence),
+        inf_ci, inf_clipped = nonnegative_interval(point, inf_resampled, confidence)
+        result.update(fid_inf=float(point), fid_inf_ci=inf_ci, fid_inf_ci_clipped=inf_clipped,
             fid_inf_sizes=[int(n) for n in sizes], fid_inf_points=points)
     return result
 
@@ -476,7 +489,7 @@ def paired_comparison(set_a, set_b, ref, num_blocks=DEFAULT_BLOCKS, num_resample
     difference = fd_b.fid - fd_a.fid
     ci = centered_interval(difference, resampled_b - resampled_a, confidence)
     return dict(fid_a=fd_a.fid, fid_b=fd_b.fid, difference=difference, ci=ci,
-        ci_a=centered_interval(fd_a.fid, resampled_a, confidence), ci_b=centered_interval(fd_b.fid, resampled_b, confidence),
+        ci_a=nonnegative_interval(fd_a.fid, resampled_a, confidence)[0], ci_b=nonnegative_interval(fd_b.fid, resampled_b, confidence)[0],
         b_better_fraction=float(np.mean(resampled_b < resampled_a)), excludes_zero=bool(ci[0] > 0 or ci[1] < 0),
         paired=not unpaired, num_images_a=len(set_a), num_images_b=len(set_b), blocks=num_blocks, resamples=num_resamples,
         confidence=confidence, method='exact' if stats_a.exact else 'expansion')
@@ -541,10 +554,12 @@ def _pct(confidence):
     return f'{100 * confidence:g}%'
 
 def fid_line(result):
-    line = (f'FID {result["fid"]:.3f} ({_pct(result["confidence"])} CI {result["ci"][0]:.3f} to {result["ci"][1]:.3f}; '
+    clipped = lambda key: ', clipped at 0' if result.get(key) else ''
+    line = (f'FID {result["fid"]:.3f} ({_pct(result["confidence"])} CI {result["ci"][0]:.3f}{clipped("ci_clipped")} to {result["ci"][1]:.3f}; '
         f'{result["num_images"]} images, block bootstrap over {result["blocks"]} seed blocks, {result["resamples"]} resamples, {result["method"]})')
     if 'fid_inf' in result:
-        line += f'; FID-infinity {result["fid_inf"]:.3f} ({_pct(result["confidence"])} CI {result["fid_inf_ci"][0]:.3f} to {result["fid_inf_ci"][1]:.3f})'
+        line += (f'; FID-infinity {result["fid_inf"]:.3f} ({_pct(result["confidence"])} CI {result["fid_inf_ci"][0]:.3f}{clipped("fid_inf_ci_clipped")} '
+            f'to {result["fid_inf_ci"][1]:.3f})')
     return line
 
 def kid_line(result):
