@@ -1,10 +1,11 @@
-"""training/evaluation/fid_uncertainty.py and fid.py features/calc --ci/compare: intervals that cover what they claim.
+"""training/evaluation/fid_uncertainty.py and fid.py features/calc --ci --kid/compare: intervals and errors that cover what they claim.
 
 Statistics are checked on Gaussian features, whose population Frechet distance to a fixed
 reference is known in closed form.
 """
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -189,6 +190,8 @@ def test_bad_input_gets_one_line():
         fu.paired_comparison(few, fu.FeatureSet(few.features, np.arange(150) + 1000), ref, num_blocks=10)
     with pytest.raises(fu.UncertaintyError, match='has no seeds'):
         fu.paired_comparison(few, fu.FeatureSet(few.features), ref, num_blocks=10)
+    with pytest.raises(fu.UncertaintyError, match='over 8 GiB\\) at 2048 dimensions; use --blocks=1024 or fewer'):
+        fu.block_statistics(fu.FeatureSet(np.zeros([4200, 2048])), types.SimpleNamespace(dim=2048), 2100, 'expansion') # Refused before any pass.
     with pytest.raises(fu.UncertaintyError, match='the same seed appears more than once'):
         fu.FeatureSet(np.zeros([3, 4]), [1, 1, 2])
 

@@ -207,8 +207,8 @@ class BlockStatistics:
     Rows are in seed order and blocks are runs of consecutive rows. counts [B], sums [B, D],
     sq_norms [B] (tr M_b), and on the exact route second [B, D, D] (M_b); the expansion route keeps
     the full second moment instead and asks transformed_second_moments() for the blocks' moments in
-    the eigenbasis of R S R. The centre m is the mean rounded to float32, so that float32 features
-    minus m are float32 products' exact inputs; sums about m carry the rest of the mean.
+    the eigenbasis of R S R. The centre m is the mean rounded to float32, so that the float32 passes
+    and the float64 sums are about the same point; the sums about m carry the rest of the mean.
 
     The N D^2 passes of the expansion route multiply float32 chunks of centred rows and add the
     products into float64 sums: a chunk's rounding is relative 1e-7 of its own sum and independent
@@ -426,6 +426,10 @@ def block_statistics(feature_set, ref, num_blocks, method):
     exact = choose_exact(feature_set.dim, method)
     if exact and num_blocks * feature_set.dim ** 2 * 8 > 4 << 30:
         raise UncertaintyError(f'The exact route needs {num_blocks} x {feature_set.dim}^2 block moments (over 4 GiB); use --method=expansion')
+    upper = feature_set.dim * (feature_set.dim - 1) // 2
+    if not exact and num_blocks * upper * 4 > 8 << 30:
+        raise UncertaintyError(f'The expansion route keeps {num_blocks} x {upper} float32 block moments (over 8 GiB) at {feature_set.dim} '
+            f'dimensions; use --blocks={(8 << 30) // (upper * 4)} or fewer')
     blocks = block_index(len(feature_set), num_blocks)
     return BlockStatistics(feature_set.features, blocks, num_blocks, exact)
 
