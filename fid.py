@@ -149,12 +149,14 @@ device_option = click.option('--device', help='Device  [default: cuda if availab
 @click.option('--ci',                   help='Also a 95% interval (block bootstrap) and FID-infinity', is_flag=True)
 @click.option('--json', 'json_path',    help='Write FID (and with --ci its intervals) to this JSON file', metavar='PATH', type=str, default=None)
 @click.option('--features', 'features_path', help='Also save the per-image features (with seeds) here', metavar='NPZ', type=str, default=None)
+@click.option('--kid',                  help='Also KID with its standard error (needs a reference made with "ref --features")', is_flag=True)
+@click.option('--kid_subset',           help='Images per KID subset', metavar='INT', type=click.IntRange(min=2), default=fid_uncertainty.KID_SUBSET_SIZE, show_default=True)
 @interval_options
 @batch_option
 @detector_option
 @workers_option
 @device_option
-def calc(image_path, ref_path, num_expected, seed, ci, json_path, features_path, blocks, resamples, method, batch, detector_path, workers, device):
+def calc(image_path, ref_path, num_expected, seed, ci, json_path, features_path, kid, kid_subset, blocks, resamples, method, batch, detector_path, workers, device):
     """Calculate FID for a given set of images.
 
     Fewer images than --num is an error; of more, a random subset (picked by --seed) is used.
@@ -164,12 +166,17 @@ def calc(image_path, ref_path, num_expected, seed, ci, json_path, features_path,
     # FID with a 95% interval and FID-infinity, one line to quote, also as JSON
     python fid.py calc --images=fid-tmp --ref=cifar10-32x32.npz --ci --json=fid.json --features=fid-tmp.npz
     python fid.py calc --images=fid-tmp.npz --ref=cifar10-32x32.npz --ci    # again from the saved features
+
+    \b
+    # KID (unbiased MMD^2, polynomial kernel) with its standard error, against a reference with features
+    python fid.py ref --data=datasets/cifar10-32x32.zip --dest=cifar10-32x32-features.npz --features
+    python fid.py calc --images=fid-tmp --ref=cifar10-32x32-features.npz --kid --json=fid.json
     """
     cli_checks.device_available(device)
     cli_checks.readable_npz(ref_path, '--ref', required_keys=['mu', 'sigma'])
     cli_checks.expect_kind(detector_path, '--detector', cli_checks.TORCH_MODULE_KINDS)
-    if ci or json_path or features_path or fid_uncertainty.is_feature_file(image_path):
-        return calc_from_features(image_path, ref_path, num_expected, seed, ci, json_path, features_path, blocks, resamples, method,
+    if ci or kid or json_path or features_path or fid_uncertainty.is_feature_file(image_path):
+        return calc_from_features(image_path, ref_path, num_expected, seed, ci, json_path, features_path, kid, kid_subset, blocks, resamples, method,
             batch, detector_path, workers, device)
     device = dist.init(device)
 
@@ -206,13 +213,27 @@ def calc(image_path, ref_path, num_expected, seed, ci, json_path, features_path,
     dist.barrier()
     dist.shutdown()
 
-def calc_from_features(image_path, ref_path, num_expected, seed, ci, json_path, features_path, blocks, resamples, method, batch, detector_path, workers, device):
-    """calc through per-image features: --ci, --json, --features, or a features file as --images."""
+def reference_features_for_kid(ref_path, ref_dim, image_path, num_images, subset_size):
+    """The reference's per-image features, checked against the statistics, the images' number and the subset size."""
+    try:
+        ref_features = frechet.load_reference_features(ref_path, verbose=False)
+        if ref_features.shape[1] != ref_dim:
+            raise click.ClickException(f'{ref_path} holds {ref_features.shape[1]}-dimensional features but {ref_dim}-dimensional statistics; '
+                f'rebuild it with "fid.py ref --features"')
+        fid_uncertainty.check_kid_sizes(num_images, len(ref_features), subset_size, image_path)
+    except (frechet.StatsError, fid_uncertainty.UncertaintyError) as e:
+        raise click.ClickException(str(e))
+    return ref_features
+
+def calc_from_features(image_path, ref_path, num_expected, seed, ci, json_path, features_path, kid, kid_subset, blocks, resamples, method,
+        batch, detector_path, workers, device):
+    """calc through per-image features: --ci, --kid, --json, --features, or a features file as --images."""
     device = dist.init(device)
     try:
         ref_mu, ref_sigma, ref_detector = frechet.load_stats(ref_path, verbose=(dist.get_rank() == 0), with_detector=True)
     except frechet.StatsError as e:
         raise click.ClickException(str(e))
+    ref_features = reference_features_for_kid(ref_path, ref_mu.shape[0], image_path, num_expected, kid_subset) if kid else None
     if fid_uncertainty.is_feature_file(image_path):
         feature_set = features_or_images(image_path, detector_path, ref_path, ref_detector, ref_mu.shape[0], batch, workers, device)
         if len(feature_set) < num_expected:
@@ -233,9 +254,10 @@ def calc_from_features(image_path, ref_path, num_expected, seed, ci, json_path, 
             if ci:
                 result = fid_uncertainty.fid_with_interval(feature_set, ref, num_blocks=blocks, num_resamples=resamples, method=method)
             else:
-                mu = feature_set.features.astype('float64').mean(axis=0)
-                sigma = fid_uncertainty.BlockStatistics(feature_set.features, fid_uncertainty.block_index(len(feature_set), 1), 1, exact=False).covariance([True])[1]
+                mu, sigma = fid_uncertainty.mean_and_covariance(feature_set)
                 result = dict(fid=frechet.frechet_distance(mu, sigma, ref_mu, ref_sigma), num_images=len(feature_set))
+            if kid:
+                result.update(fid_uncertainty.kid_with_error(feature_set, ref_features, subset_size=kid_subset))
         except (fid_uncertainty.UncertaintyError, ValueError) as e:
             raise click.ClickException(str(e))
         result.update(images=image_path, ref=ref_path)
@@ -243,6 +265,8 @@ def calc_from_features(image_path, ref_path, num_expected, seed, ci, json_path, 
             write_json(json_path, result)
         if ci:
             print(fid_uncertainty.fid_line(result))
+        if kid:
+            print(fid_uncertainty.kid_line(result))
         print(f'{result["fid"]:g}')
     dist.barrier()
     dist.shutdown()
@@ -332,10 +356,16 @@ def compare(path_a, path_b, ref_path, unpaired, json_path, blocks, resamples, me
 @batch_option
 @click.option('--detector', 'detector_path', help='Feature detector: pickled module or TorchScript file (recorded in --dest)', metavar='PATH|URL',
     type=str, default=None, show_default='EDM\'s Inception-v3')
+@click.option('--features', 'with_features', help='Also store the per-image features, for calc --kid (N x D float32: 400 MB for 50k images)', is_flag=True)
 @workers_option
 @device_option
-def ref(dataset_path, dest_path, batch, detector_path, workers, device):
-    """Calculate dataset reference statistics needed by 'calc'."""
+def ref(dataset_path, dest_path, batch, detector_path, with_features, workers, device):
+    """Calculate dataset reference statistics needed by 'calc'.
+
+    \b
+    python fid.py ref --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz
+    python fid.py ref --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz --features   # for calc --kid
+    """
     cli_checks.output_file(dest_path, '--dest')
     cli_checks.device_available(device)
     cli_checks.expect_kind(detector_path, '--detector', cli_checks.TORCH_MODULE_KINDS)
@@ -349,10 +379,18 @@ def ref(dataset_path, dest_path, batch, detector_path, workers, device):
     dist.download_first_on_rank0(detector_path or feature_detectors.INCEPTION_URL)
     images, detector = load()
 
-    mu, sigma = image_statistics(images, detector, batch, workers, device)
+    features = None
+    if with_features:
+        features = image_features(images, detector, batch, workers, device).features
+        mu, sigma = fid_uncertainty.mean_and_covariance(fid_uncertainty.FeatureSet(features))
+        warning = frechet.few_images_warning(len(images), detector.feature_dim)
+        if warning is not None and dist.get_rank() == 0:
+            click.echo(warning, err=True)
+    else:
+        mu, sigma = image_statistics(images, detector, batch, workers, device)
     if dist.get_rank() == 0:
-        dist.print0(f'Saving dataset reference statistics to "{dest_path}"...')
-        frechet.save_stats(dest_path, mu, sigma, detector=dict(name=detector.source, sha256=detector.sha256))
+        dist.print0(f'Saving dataset reference statistics{" and features" if with_features else ""} to "{dest_path}"...')
+        frechet.save_stats(dest_path, mu, sigma, detector=dict(name=detector.source, sha256=detector.sha256), features=features)
     dist.barrier()
     dist.print0('Done.')
     dist.shutdown()

@@ -6,6 +6,7 @@ Prints the time of 200 resamples of a 50k x 2048 paired comparison (everything a
 the features exist: block moments, the reference square root, both FIDs and the resamples).
 
     python benchmarks/fid_bootstrap.py                          # 50k x 2048, 200 resamples, expansion (second-order)
+    OMP_NUM_THREADS=2 python benchmarks/fid_bootstrap.py        # the same with 2 BLAS threads, as the README's figure
     python benchmarks/fid_bootstrap.py --validate               # expansion vs exact at 10k x 256 and 10k x 512
     python benchmarks/fid_bootstrap.py --stability --num=20000  # endpoint spread against the number of resamples
 """
@@ -33,6 +34,13 @@ def random_problem(num, dim, shift=0.02, seed=0):
         features[start:start + rows] = rnd.standard_normal([rows, dim], dtype=np.float32) @ mixing + np.float32(0.05)
     seeds = np.arange(num)
     return fu.FeatureSet(features, seeds, 'A'), fu.FeatureSet(features * np.float32(1.01) + np.float32(shift), seeds, 'B'), ref
+
+def blas_threads():
+    """The thread count that numpy's BLAS was started with (OpenBLAS and MKL read these at import)."""
+    for name in ('OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS', 'OMP_NUM_THREADS'):
+        if os.environ.get(name):
+            return f'{os.environ[name]} ({name})'
+    return f'{os.cpu_count()} (the default: one per CPU)'
 
 def timed_comparison(num, dim, resamples, blocks, method):
     set_a, set_b, ref_moments = random_problem(num, dim)
@@ -78,9 +86,11 @@ def main(num, dim, resamples, blocks, method, validate, stability):
             width = np.mean(ends[:, 1] - ends[:, 0])
             print(f'  {count:5d} resamples: lower {ends[:, 0].std():.5f}, upper {ends[:, 1].std():.5f} = {ends[:, 0].std() / width:.1%} / {ends[:, 1].std() / width:.1%} of the width {width:.5f}')
         return
+    load_before = os.getloadavg()[0]
     seconds, result = timed_comparison(num, dim, resamples, blocks, method)
     print(fu.comparison_line(result))
-    print(f'{num} x {dim}, {resamples} resamples, {blocks} blocks, {result["method"]}: {seconds:.1f} s')
+    print(f'{num} x {dim}, {resamples} resamples, {blocks} blocks, {result["method"]}: {seconds:.1f} s with {blas_threads()} BLAS threads '
+        f'on {os.cpu_count()} CPUs, load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after')
 
 #----------------------------------------------------------------------------
 

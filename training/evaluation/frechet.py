@@ -178,13 +178,14 @@ def load_stats(path_or_url, verbose=True, with_detector=False):
         raise StatsError(f'{path_or_url} holds NaN or infinite values in mu or sigma; make the reference statistics again with "fid.py ref"')
     return (mu, sigma, detector) if with_detector else (mu, sigma)
 
-def save_stats(path, mu, sigma, detector=None):
+def save_stats(path, mu, sigma, detector=None, features=None):
     """Write EDM's reference format atomically. `detector` (the detector's path or URL, or a
     dict(name=..., sha256=...)) is recorded by name and file hash, so that fid.py calc can check that
-    it is given the same detector; it never decides what gets loaded."""
+    it is given the same detector; it never decides what gets loaded. `features` (float32 [N, D],
+    the per-image features, for KID) are stored beside mu and sigma when given."""
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    extra = {}
+    extra = {} if features is None else dict(features=np.asarray(features, dtype=np.float32))
     if detector is not None:
         identity = detector if isinstance(detector, dict) else dict(name=detector, sha256=None)
         extra['detector'] = np.array(feature_detectors.identity_name(identity['name']))
@@ -192,6 +193,24 @@ def save_stats(path, mu, sigma, detector=None):
             extra['detector_sha256'] = np.array(identity['sha256'])
     with dnnlib.util.atomic_write(path) as f:
         np.savez(f, mu=mu, sigma=sigma, **extra)
+
+def load_reference_features(path_or_url, verbose=True):
+    """The per-image features (float32 [N, D]) that "fid.py ref --features" stored in a reference file."""
+    try:
+        with dnnlib.util.open_url(path_or_url, verbose=verbose) as f:
+            with np.load(f, allow_pickle=False) as npz:
+                if 'features' not in npz.files:
+                    raise StatsError(f'{path_or_url} holds no per-image features, which KID needs; rebuild it with "fid.py ref --features"')
+                features = npz['features']
+    except (FileNotFoundError, IsADirectoryError) as e:
+        raise StatsError(f'Reference statistics not found: {path_or_url}') from e
+    except dnnlib.util.DownloadError as e:
+        raise StatsError(str(e)) from e
+    except (OSError, ValueError, EOFError, TypeError) as e: # np.load's ways of saying "not an npz file" (TypeError: a bare .npy).
+        raise StatsError(f'Cannot read {path_or_url} as an .npz file ({type(e).__name__}: {e})') from e
+    if features.ndim != 2 or features.dtype.kind != 'f' or not np.all(np.isfinite(features)):
+        raise StatsError(f'{path_or_url} holds "features" of shape {list(features.shape)} and type {features.dtype}; expected finite [N, D] floats')
+    return features.astype(np.float32, copy=False)
 
 def recorded_identity(npz, keys, where):
     """dict(name, sha256) of the detector recorded in a statistics file, or None (EDM's files).
