@@ -167,7 +167,7 @@ def test_cached_images_are_not_changed_by_callers(tmp_path):
 #----------------------------------------------------------------------------
 # Worker processes and EDM's dataset_kwargs.
 
-@pytest.mark.parametrize('context', ['fork', 'spawn'])
+@pytest.mark.parametrize('context', ['fork', pytest.param('spawn', marks=pytest.mark.slow)]) # spawn: fresh interpreters, slow.
 def test_dataloader_workers_read_the_same_batches(tmp_path, context):
     path, images, labels = labeled_dataset(tmp_path, n=10)
     dataset = ImageFolderDataset(path, use_labels=True, xflip=True)

@@ -44,6 +44,7 @@ def test_small_networks_round_trip_bit_identically(tmp_path, name):
     assert_same_network(loaded, net)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
 
+@pytest.mark.slow
 def test_the_bundled_network_converts_to_the_same_function_with_its_dataset_kwargs(tmp_path):
     checkpoint.convert_to_weights_only(bundled.NETWORK, str(tmp_path / 'net.pt'))
     net, metadata = checkpoint.load_weights_only(str(tmp_path / 'net.pt'), return_metadata=True)
