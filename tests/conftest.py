@@ -76,6 +76,18 @@ def legacy_networks_module():
 
 #----------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def one_download_attempt(monkeypatch):
+    """The tests have no internet access: a download fails at its first attempt, without open_url's
+    pauses between retries (1 s + 2 s, for flaky networks, not absent ones). In-process only; a test
+    that passes num_attempts keeps it."""
+    open_url = dnnlib.util.open_url
+    def open_url_once(url, *args, num_attempts=1, **kwargs):
+        return open_url(url, *args, num_attempts=num_attempts, **kwargs)
+    monkeypatch.setattr(dnnlib.util, 'open_url', open_url_once)
+
+#----------------------------------------------------------------------------
+
 @pytest.fixture(scope='session')
 def cond_net_pkl(tmp_path_factory):
     """A class-conditional (4 classes) EDM-preconditioned DDPM++-style network pickle, 8x8 RGB."""

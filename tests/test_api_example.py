@@ -41,6 +41,7 @@ def one_thread():
 
 #----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_readme_python_api_example_gives_generate_pys_images_and_eps_norms(one_thread, capsys):
     code = with_fewer_steps(python_block('README.md', '## Python API'), 5)
     scope = {}

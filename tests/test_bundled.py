@@ -4,6 +4,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import REPO, run_cli
 from tests.tiny_models import write_image_folder
@@ -19,6 +20,7 @@ def fid_of(folder):
     assert 'digits-detector.pt' in result.stdout # fid.py says it used the detector the reference records.
     return float(result.stdout.strip().splitlines()[-1]) # fid.py prints the FID last, alone on its line.
 
+@pytest.mark.slow
 def test_bundled_network_generates_digits_that_the_bundled_detector_scores(tmp_path):
     # No --network: generate.py takes the bundled model.
     result = run_cli([sys.executable, 'generate.py', f'--outdir={tmp_path / "digits"}', '--seeds=0-7', '--device=cpu', '--no-grid'])
@@ -48,6 +50,7 @@ def test_bundled_network_embeds_the_current_networks_source():
     assert type(net)._orig_module_src == current, ('bundled/edm-digits-16x16.pkl embeds an older training/networks.py; re-export it: '
         'python -m training.checkpoint --src=bundled/edm-digits-16x16.pkl --dest=bundled/edm-digits-16x16.pkl')
 
+@pytest.mark.slow
 def test_reexport_keeps_weights_and_outputs_and_embeds_current_source(tmp_path):
     from conftest import legacy_networks_module, make_tiny_net, save_tiny_snapshot
     from training import checkpoint

@@ -2,6 +2,7 @@
 
 import io
 import json
+import multiprocessing
 import os
 import pickle
 import zipfile
@@ -166,7 +167,7 @@ def test_cached_images_are_not_changed_by_callers(tmp_path):
 #----------------------------------------------------------------------------
 # Worker processes and EDM's dataset_kwargs.
 
-@pytest.mark.parametrize('context', ['fork', 'spawn'])
+@pytest.mark.parametrize('context', ['fork', pytest.param('spawn', marks=pytest.mark.slow)]) # spawn: fresh interpreters, slow.
 def test_dataloader_workers_read_the_same_batches(tmp_path, context):
     path, images, labels = labeled_dataset(tmp_path, n=10)
     dataset = ImageFolderDataset(path, use_labels=True, xflip=True)
@@ -224,11 +225,13 @@ def test_iterate_image_batches_reports_a_bad_image_in_a_worker_in_one_line(tmp_p
     files = dict(zip(standard_names(6), random_images(6)))
     files['00000/img00000004.png'] = random_images(1, h=16, w=16)[0]
     path = write_dataset(tmp_path / 'mixed.zip', files)
+    children = set(multiprocessing.active_children())
     with pytest.raises(DatasetError) as info:
         for _batch in iterate_image_batches(path, batch_size=2, num_workers=2):
             pass
     message = str(info.value)
     assert '\n' not in message and '00000/img00000004.png' in message and '16x16' in message
+    assert set(multiprocessing.active_children()) <= children # The workers have stopped, not left for the garbage collector.
 
 #----------------------------------------------------------------------------
 # Bad input: one-line DatasetErrors that say what is wrong and where.

@@ -282,6 +282,7 @@ def test_an_existing_zip_is_replaced_only_by_a_complete_dataset(tmp_path, cifar)
     assert run_tool('--source', source, '--dest', dest).exit_code == 0
     assert len(ImageFolderDataset(str(dest))) == 10
 
+@pytest.mark.slow
 def test_the_script_prints_one_error_line_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, 'dataset_tool.py'), '--source', str(tmp_path / 'missing'),
         '--dest', str(tmp_path / 'out.zip')], capture_output=True, text=True, timeout=120)

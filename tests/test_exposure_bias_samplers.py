@@ -208,6 +208,7 @@ def test_eps_norm_cli_measures_calibrates_and_plots(tmp_path, cond_net_pkl):
 #----------------------------------------------------------------------------
 # Through generate.py.
 
+@pytest.mark.slow
 def test_seed_commands_run_as_written(tmp_path, uncond_net_pkl):
     for extra in [['--steps=18', '--eps_scaler=1.0006'], ['--steps=13', '--solver=euler', '--eps_scaler=1.0048']]:
         result = run_cli([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1', 'generate.py',

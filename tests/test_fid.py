@@ -230,6 +230,7 @@ def test_a_pickled_detector_module_works_like_its_torchscript_version(files, ref
     assert fid_value(run_ok(*common, '--detector', tmp_path / 'detector.pkl')) == pytest.approx(
         fid_value(run_ok(*common, '--detector', files['detector'])), rel=1e-6)
 
+@pytest.mark.slow
 def test_two_torchrun_ranks_give_the_fid_of_one_process(files, ref_npz):
     result = run_cli([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--', 'fid.py', 'calc', '--device=cpu',
         f'--images={files["generated"]}', f'--ref={ref_npz}', '--num=40', f'--detector={files["detector"]}', '--batch=8', '--workers=0'])
@@ -307,6 +308,7 @@ def test_ref_with_bad_data_writes_nothing(files, tmp_path):
     assert result.exit_code != 0 and '16x16' in result.stderr.splitlines()[-1]
     assert not (tmp_path / 'out' / 'ref.npz').exists()
 
+@pytest.mark.slow
 def test_the_script_prints_one_error_line_without_traceback(files, tmp_path):
     result = run_cli([sys.executable, os.path.join(REPO, 'fid.py'), 'calc', f'--images={files["generated"]}', f'--ref={tmp_path / "nope.npz"}'])
     assert result.returncode == 1

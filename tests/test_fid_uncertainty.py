@@ -36,12 +36,14 @@ def repeated_draws(request):
     ref = fu.ReferenceRoot(REF_MU, REF_SIGMA)
     return [fu.fid_with_interval(gaussian_set(rng, 1000), ref, num_blocks=50, num_resamples=200, seed=k, method=request.param) for k in range(200)]
 
+@pytest.mark.slow
 def test_the_fid_interval_covers_the_expected_fid_of_n_images_in_90_to_99_percent(repeated_draws):
     expected_fid_n = np.mean([r['fid'] for r in repeated_draws])
     coverage = np.mean([r['ci'][0] <= expected_fid_n <= r['ci'][1] for r in repeated_draws])
     print(f'{repeated_draws[0]["method"]}: FID interval covers E[FID_N] in {coverage:.1%} of 200 draws')
     assert 0.90 <= coverage <= 0.99
 
+@pytest.mark.slow # Both tests on the 200 repeated draws; the fixture is the slow part.
 def test_fid_infinity_covers_the_population_fd_about_as_often_and_removes_the_finite_n_bias(repeated_draws):
     fid_n = np.array([r['fid'] for r in repeated_draws])
     fid_inf = np.array([r['fid_inf'] for r in repeated_draws])

@@ -29,6 +29,7 @@ def quick_study(tmp_path_factory):
     assert result.exit_code == 0, result.output
     return outdir
 
+@pytest.mark.slow
 def test_quick_study_trains_every_model_and_writes_the_complete_table(quick_study):
     outdir = quick_study
     lines = (outdir / 'table.csv').read_text().splitlines()
@@ -61,6 +62,7 @@ def test_quick_study_trains_every_model_and_writes_the_complete_table(quick_stud
     with np.load(outdir / 'images' / 'n00008-c4.npz') as npz:
         assert npz['samples'].shape == (32, 1, 16, 16) and list(npz['seeds']) == list(range(32))
 
+@pytest.mark.slow
 def test_rerun_keeps_finished_models_and_measurements(quick_study):
     outdir = quick_study
     watched = [outdir / 'models' / study_lib.model_name(s, w) / 'FINISHED' for s in (8, 32) for w in (4, 8)] + [outdir / 'images' / 'n00032-c8.npz']
@@ -71,6 +73,7 @@ def test_rerun_keeps_finished_models_and_measurements(quick_study):
     assert [os.stat(p).st_mtime_ns for p in watched] == before # Nothing retrained, nothing sampled again.
     assert json.loads((outdir / 'study.json').read_text()) == results_before
 
+@pytest.mark.slow
 def test_rerun_with_other_settings_is_refused_in_one_line(quick_study):
     result = run(quick_study, *QUICK, '--lr=1e-3')
     assert result.exit_code != 0

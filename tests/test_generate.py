@@ -48,6 +48,7 @@ def test_same_seed_gives_the_same_image_at_any_batch_size(tmp_path, cond_net_pkl
     assert first.shape == (8, 8, 3) and first.dtype == np.uint8
     assert len({runs[1][name].tobytes() for name in runs[1]}) == 8 # Different seeds, different images.
 
+@pytest.mark.slow
 def test_two_torchrun_ranks_write_the_same_images_as_one_process(tmp_path, cond_net_pkl):
     generate_in_process('--network', cond_net_pkl, '--outdir', tmp_path / 'single', '--seeds=0-9', '--batch=2', '--steps=3')
     result = run_cli([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'generate.py',
@@ -119,6 +120,7 @@ def bad_files(tmp_path_factory):
     (['--network={bad}/good.pkl', '--seeds=x'], 'is not a seed'),
     (['--network={bad}/good.pkl', '--class=4'], 'out of range: the network has 4 classes'),
 ])
+@pytest.mark.slow
 def test_bad_input_gets_one_clear_line(tmp_path, bad_files, args, message):
     out = tmp_path / 'out'
     result = run_cli([sys.executable, 'generate.py', '--device=cpu', f'--outdir={out}', *[a.format(bad=bad_files) for a in args]])

@@ -396,6 +396,7 @@ def test_tiny_end_to_end_run(tmp_path, uncond_net_pkl):
     unguided, _ = read_npz(tmp_path / 'unguided')
     assert guided.shape == (8, 8, 8, 3) and not np.array_equal(guided, unguided)
 
+@pytest.mark.slow
 def test_class_conditional_discriminator_from_labelled_real_and_npz_samples(tmp_path, cond_net_pkl):
     real = write_labelled_folder(tmp_path / 'real', random_images(32, resolution=8, seed=6), np.arange(32) % 4)
     cls_path, _ = save_pair(tmp_path)
@@ -429,6 +430,7 @@ def test_boosting_adds_churn_only_to_samples_the_discriminator_rejects(bias, cha
     boosted = sampler.edm_sampler(net, latents, num_steps=7, randn_like=noise(), denoise=denoise)
     assert torch.equal(boosted, plain) != changes
 
+@pytest.mark.slow
 def test_the_seed_command_on_two_torchrun_ranks_matches_one_process(tmp_path, uncond_net_pkl):
     cls_path, disc_path = save_pair(tmp_path)
     flags = [f'--network={uncond_net_pkl}', '--seeds=0-5', '--batch=2', '--steps=3', f'--discriminator_ckpt={disc_path}',
@@ -464,6 +466,7 @@ def test_bad_discriminator_training_input_gets_one_clear_line(tmp_path, args, me
     assert len(error_lines) == 1 and message in error_lines[0], result.output
     assert not (tmp_path / 'out').exists()
 
+@pytest.mark.slow
 def test_the_discriminator_learns_to_tell_real_from_generated_images(tmp_path):
     # Real images have vertical stripes, generated ones horizontal; a few dozen steps separate them.
     gen = torch.Generator().manual_seed(0)

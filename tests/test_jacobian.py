@@ -77,6 +77,7 @@ def test_the_fast_rank_needs_far_fewer_products_than_the_exact_one_when_the_rank
     assert rank == 5
     assert len(calls) < 3 * 32 + 16 + 10 # One sketch of 32 columns: far below the 768 products of the full Jacobian.
 
+@pytest.mark.slow
 def test_fast_rank_agrees_with_exact_rank_on_a_network_with_a_low_rank_jacobian():
     # A network seen through a 16-dimensional subspace: nonlinear, rank <= 16 of 192, so the
     # sketch (not the exact fallback) decides.
@@ -147,6 +148,7 @@ def test_cli_prints_ranks_per_step_and_writes_json_and_plot(tmp_path, cond_pkl):
     assert summary['steps'][0]['sigma'] == pytest.approx(80) and summary['steps'][-1]['sigma'] == pytest.approx(0.002)
     assert (tmp_path / 'jacobian-rank.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
+@pytest.mark.slow
 def test_fast_mode_agrees_with_exact_mode_on_a_network(tmp_path, cond_pkl):
     common = ['--network_pkl', cond_pkl, '--class=3', '--steps=3', '--seed=2', '--sigma_max=20']
     run_ok(*common, '--outdir', tmp_path / 'exact')
@@ -171,6 +173,7 @@ def test_the_optimal_denoiser_of_a_dataset_has_a_rank_below_its_number_of_images
     assert all(0 <= rank <= 4 for rank in ranks) # J = Cov_w(y) / sigma^2: rank <= 5 - 1.
     assert ranks[-1] == 0 # At sigma = 0.002 the weights sit on one image: D is locally constant.
 
+@pytest.mark.slow
 def test_without_a_denoiser_the_bundled_network_is_measured(tmp_path):
     result = run_ok('--steps=2', '--outdir', tmp_path)
     summary = json.load(open(tmp_path / 'jacobian-rank.json'))

@@ -70,6 +70,7 @@ def run_foreign(tmp_path, script, *args):
 
 #----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_pickle_from_another_codebase_rebuilds_on_our_classes_with_equal_outputs(tmp_path):
     src_path = tmp_path / 'legacy_networks.py'
     src_path.write_text(legacy_networks_source())
@@ -88,6 +89,7 @@ def test_pickle_from_another_codebase_rebuilds_on_our_classes_with_equal_outputs
         assert torch.equal(native(ref['x'], ref['sigma'], labels), expected), name
         assert native.state_dict().keys() == pickled.state_dict().keys()
 
+@pytest.mark.slow
 def test_our_pickle_loads_in_another_codebase_with_equal_outputs(tmp_path):
     net = make_tiny_net(label_dim=3, augment_dim=9)
     pkl = save_tiny_snapshot(tmp_path / 'ours.pkl', net)
@@ -97,6 +99,7 @@ def test_our_pickle_loads_in_another_codebase_with_equal_outputs(tmp_path):
     assert "['augment_pipe', 'dataset_kwargs', 'ema', 'loss_fn'] EDMPrecond 3" in out
     assert torch.equal(torch.load(tmp_path / 'outputs.pt'), net(x, sigma, labels))
 
+@pytest.mark.slow
 def test_loaded_network_works_under_torch_func_only_after_native_rebuild(tmp_path):
     src_path = tmp_path / 'legacy_networks.py'
     src_path.write_text(legacy_networks_source())

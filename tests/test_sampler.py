@@ -46,6 +46,7 @@ def test_edm_sampler_solves_the_ode_and_heun_beats_euler():
     assert 1.7 < euler[0] / euler[1] < 2.3 # First order.
     assert euler[1] > heun[1] * 5
 
+@pytest.mark.slow
 @pytest.mark.parametrize('disc,schedule,scaling', list(itertools.product(['vp', 've', 'iddpm', 'edm'], ['vp', 've', 'linear'], ['vp', 'none'])))
 def test_every_ablation_configuration_converges_to_the_ode_solution_at_second_order(disc, schedule, scaling):
     net = GaussianDataNet()

@@ -38,7 +38,7 @@ def test_rpscore_is_the_fraction_of_matched_pairs_above_the_threshold():
         assert copy_detection.reproducibility_score(source, target, t) == pytest.approx(expected, abs=1e-12)
         assert 0 < expected < 1
 
-@pytest.mark.parametrize('block_size', [1, 7, 4096])
+@pytest.mark.parametrize('block_size', [pytest.param(1, marks=pytest.mark.slow), 7, 4096]) # Blocks of one row: slow.
 def test_mscore_agrees_with_brute_force_at_any_block_size(block_size):
     rnd = np.random.default_rng(block_size)
     target = unit_rows(rnd, 90, 48)

@@ -40,6 +40,7 @@ def finished_study(tmp_path_factory, tiny_study_inputs):
     assert result.exit_code == 0, result.output
     return outdir, result.output
 
+@pytest.mark.slow
 def test_study_writes_curves_calibration_and_a_complete_fd_table(finished_study):
     outdir, output = finished_study
     assert 'detector.pt' in output # The detector passed, checked against the name the reference records.
@@ -91,6 +92,7 @@ def test_study_writes_curves_calibration_and_a_complete_fd_table(finished_study)
     assert (f'For the other {len(compared) - len(shown)} of {len(compared)} settings the paired interval includes 0' in conclusions) == (len(shown) < len(compared))
     assert PIL.Image.open(outdir / 'fd.png').size[0] > 400
 
+@pytest.mark.slow
 def test_a_rerun_keeps_finished_entries(tmp_path, tiny_study_inputs, finished_study):
     outdir = tmp_path / 'study'
     shutil.copytree(finished_study[0], outdir)

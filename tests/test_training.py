@@ -64,6 +64,7 @@ def fixed_set_loss(net, loss_fn, data_path):
         torch.manual_seed(123)
         return float(torch.stack([loss_fn(net=net, images=images, labels=labels).mean() for _ in range(8)]).mean())
 
+@pytest.mark.slow
 @pytest.mark.parametrize('precond', ['vp', 've', 'edm', 'cdm'])
 def test_each_preconditioning_trains_with_finite_decreasing_loss(tmp_path, data, precond):
     extra = ['--martingale_lambda=1', '--martingale_steps=3'] if precond == 'cdm' else []
@@ -86,6 +87,7 @@ def test_each_preconditioning_trains_with_finite_decreasing_loss(tmp_path, data,
 
 #----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_continues_with_the_same_losses_as_an_uninterrupted_run(tmp_path, data):
     # Ticks of 3 iterations of 16 images end at 16, 64, 112, 160, 208 images; the first run stops at
     # 112, a tick boundary of the uninterrupted run, so their ticks line up after the resume.
@@ -104,6 +106,7 @@ def test_resume_continues_with_the_same_losses_as_an_uninterrupted_run(tmp_path,
     assert all(torch.equal(a['ema'][k], b['ema'][k]) for k in a['ema'])
     assert all(torch.equal(a['net'][k], b['net'][k]) for k in a['net'])
 
+@pytest.mark.slow
 def test_two_torchrun_ranks_train_and_the_snapshot_generates_images(tmp_path, data):
     result = run_cli([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
         f'--outdir={tmp_path / "runs"}', f'--data={data}', *TINY, '--cond=1', '--duration=0.0003', '--tick=0.1', '--snap=1', '--dump=1'])
@@ -141,6 +144,7 @@ def test_bad_input_gets_one_line_and_no_run_folder(tmp_path, data, unlabelled, c
     assert result.exit_code != 0 and message in result.output, result.output
     assert not out.exists()
 
+@pytest.mark.slow
 def test_resume_from_another_configuration_is_refused(tmp_path, data):
     train_in_process(tmp_path / 'a', data, '--cond=1', '--duration=0.0003', '--tick=0.1', '--dump=1')
     states = sorted(name for name in os.listdir(run_dir(tmp_path / 'a')) if name.startswith('training-state-'))

@@ -44,6 +44,7 @@ def test_small_networks_round_trip_bit_identically(tmp_path, name):
     assert_same_network(loaded, net)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
 
+@pytest.mark.slow
 def test_the_bundled_network_converts_to_the_same_function_with_its_dataset_kwargs(tmp_path):
     checkpoint.convert_to_weights_only(bundled.NETWORK, str(tmp_path / 'net.pt'))
     net, metadata = checkpoint.load_weights_only(str(tmp_path / 'net.pt'), return_metadata=True)
@@ -92,6 +93,15 @@ def crafted_files(tmp_path):
     variant('no_format', 'not a weights-only network of this codebase', format='something else')
     variant('wrong_version', 'of version 99', version=99)
     return marker, files
+
+@pytest.mark.parametrize('name', ['ncsnpp_vp', 'adm_iddpm_cond'])
+def test_huge_arguments_are_refused_where_only_the_inner_model_is_built_on_meta(tmp_path, name):
+    checkpoint.save_weights_only(tmp_path / 'good.pt', make_tiny_net(**SMALL_NETS[name]))
+    data = torch.load(tmp_path / 'good.pt', weights_only=True)
+    data['init_kwargs'] = {**data['init_kwargs'], 'model_channels': 1 << 20}
+    torch.save(data, tmp_path / 'huge.pt')
+    with pytest.raises(checkpoint.CheckpointError, match='they build a much larger network'):
+        checkpoint.load_network(str(tmp_path / 'huge.pt'))
 
 def test_crafted_files_are_refused_by_the_loader(tmp_path):
     marker, files = crafted_files(tmp_path)

@@ -25,6 +25,7 @@ def invoke_ok(command, args):
     assert result.exit_code == 0, result.output + repr(result.exception)
     return result
 
+@pytest.mark.slow
 def test_readme_generate_then_fid_calc_chain_works_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     invoke_ok(generate.main, ['--outdir=out', '--seeds=0-63', '--device=cpu'])
@@ -33,6 +34,7 @@ def test_readme_generate_then_fid_calc_chain_works_as_written(tmp_path, monkeypa
     result = invoke_ok(fid.main, ['calc', '--images=out', f'--ref={bundled.REF}', '--num=64', '--device=cpu', '--workers=0'])
     assert float(result.output.strip().splitlines()[-1]) > 0
 
+@pytest.mark.slow
 def test_generate_settings_name_every_value_that_changes_the_images(tmp_path):
     out = tmp_path / 'out'
     invoke_ok(generate.main, ['--preset=edm-es-cifar10-cond-heun-nfe35', f'--network={bundled.NETWORK}', f'--outdir={out}', '--seeds=0-1,5',
@@ -53,6 +55,7 @@ def test_time_shift_with_its_defaults_runs_on_the_bundled_network(tmp_path):
     settings = json.loads((tmp_path / 'out-settings.json').read_text())
     assert settings['time_shift'] == dict(rule='paper', cutoff=300, window=80)
 
+@pytest.mark.slow
 def test_a_one_round_calibration_that_cannot_converge_is_reported_as_not_converged(tmp_path):
     # Bundled model, Euler 13: the first secant step from 1 overshoots to about 0.97 (h about -0.07).
     result = invoke_ok(eps_norm.main, [f'--outdir={tmp_path}', '--num=16', '--steps=13', '--solver=euler', '--calibrate', '--rounds=1', '--device=cpu'])
@@ -69,6 +72,7 @@ def test_outdir_inside_a_package_folder_is_refused(tmp_path):
 
 #----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_study_in_a_fresh_copy_leaves_git_status_clean(tmp_path, tiny_study_inputs): # noqa: F811
     copy = tmp_path / 'clone'
     tracked = subprocess.run(['git', 'ls-files'], cwd=REPO, capture_output=True, text=True, check=True).stdout.split('\n')

@@ -182,18 +182,27 @@ def _refused_global(error):
     match = re.search(r'GLOBAL ([\w.]+)', str(error))
     return f' (GLOBAL {match.group(1)})' if match else ''
 
+# Preconditionings whose constructors compute with tensor values, which meta tensors do not have.
+# Built on meta they fail, and iDDPMPrecond only after its 1000-level schedule, seconds of meta ops.
+_PRECONDS_READING_VALUES = ('VPPrecond', 'iDDPMPrecond')
+
 def _check_arguments_fit_state(cls, args, kwargs, state):
     """Build on the meta device first, so that wrong (or huge) arguments fail at no memory cost.
 
-    VPPrecond's constructor reads tensor values, which meta tensors do not have; there the inner
-    model alone is built on meta and must not be much larger than the file's tensors.
+    For the preconditionings whose constructors read tensor values (_PRECONDS_READING_VALUES, or
+    any that fails on meta), the inner model alone is built on meta and must not be much larger
+    than the file's tensors.
     """
     def meta_state(build):
         with torch.device('meta'), torch.random.fork_rng(devices=[]):
             return {k: v.shape for k, v in build().state_dict().items()}
-    try:
-        shapes = meta_state(lambda: cls(*args, **kwargs))
-    except RuntimeError:
+    shapes = None
+    if cls.__name__ not in _PRECONDS_READING_VALUES:
+        try:
+            shapes = meta_state(lambda: cls(*args, **kwargs))
+        except RuntimeError: # Another constructor that reads tensor values.
+            pass
+    if shapes is None:
         import inspect
         signature = inspect.signature(cls.__bases__[0]) # The persistent subclass's own __init__ takes (*args, **kwargs).
         bound = signature.bind(*args, **kwargs)

@@ -371,9 +371,17 @@ def iterate_image_batches(dataset, batch_size, rank=0, world_size=1, num_workers
     if len(batches) == 0:
         return
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+    iterator = iter(loader)
     try:
-        yield from loader
+        yield from iterator
+        return
     except DatasetError as e:
-        raise DatasetError(_worker_error_message(str(e))) from None
+        message = _worker_error_message(str(e))
+        # DataLoader's re-raised exception and its traceback form a cycle that holds the iterator:
+        # left to the garbage collector, the workers' shutdown waits 5 s each. Broken here, the
+        # workers stop as soon as the iterator is dropped.
+        e.__traceback__ = None
+    del iterator
+    raise DatasetError(message)
 
 #----------------------------------------------------------------------------
