@@ -116,19 +116,6 @@ def memory_fits(num_bytes, what, hint='', device=None):
 #----------------------------------------------------------------------------
 # Input files: what kind a file is, from its first bytes.
 
-def image_decodes(path):
-    """Does `path` hold a complete image? (--resume regenerates the ones that do not.)"""
-    if not os.path.isfile(path):
-        return False
-    try:
-        import PIL.Image
-        with PIL.Image.open(path) as image:
-            image.load()
-        return True
-    except Exception: # PIL's errors for truncated or foreign bytes vary (OSError, SyntaxError, ValueError).
-        return False
-
-
 def file_kind(path):
     """'missing', 'folder', 'empty file', 'npz file', 'TorchScript archive', 'torch.save file',
     'zip file', 'npy array', 'pickle', 'gzip file', 'PNG image', 'JSON/text file' or 'file of unknown kind'."""
