@@ -234,6 +234,12 @@ def class_labels_for_seeds(net, rnd, batch_size, class_idx=None, device=None):
         labels[:, class_idx] = 1
     return labels
 
+def check_class(net, class_idx):
+    """ValueError for a --class the network does not have."""
+    if class_idx is not None and class_idx >= net.label_dim:
+        raise ValueError(f'--class={class_idx} is out of range: the network has {net.label_dim} classes' if net.label_dim
+            else f'--class={class_idx} given, but the network is unconditional')
+
 def min_eval_batch(device):
     """Smallest batch the network is evaluated at, so that an image never depends on its batch.
 

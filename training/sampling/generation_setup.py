@@ -53,7 +53,7 @@ def from_options(options, device):
     net = net.to(device)
     if guidance is not None:
         guidance.to(device)
-    check_class(net, options.class_idx)
+    generation.check_class(net, options.class_idx)
     epsilon_scaling.check_eps_scaler(options.eps_scaler, options.kappa, sampler_kwargs['num_steps'])
     if options.do_time_shift:
         sampler_kwargs['time_shift'] = time_shift_lib.from_options(net, sampler_kwargs, options.ts_rule, options.cutoff, options.window)
@@ -70,12 +70,6 @@ def load_guidance(net, discriminator_ckpt, classifier_ckpt, cond, time_min, time
     classifier = dg_lib.load_classifier(classifier_ckpt, net.img_resolution, net.img_channels)
     discriminator = dg_lib.load_discriminator(discriminator_ckpt, classifier, cond)
     return dg_lib.DiscriminatorGuidance(classifier, discriminator, net.img_resolution, time_min=time_min, time_max=time_max)
-
-def check_class(net, class_idx):
-    """ValueError for a --class the network does not have."""
-    if class_idx is not None and class_idx >= net.label_dim:
-        raise ValueError(f'--class={class_idx} is out of range: the network has {net.label_dim} classes' if net.label_dim
-            else f'--class={class_idx} given, but the network is unconditional')
 
 #----------------------------------------------------------------------------
 
