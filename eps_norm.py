@@ -12,7 +12,6 @@ import shlex
 import time
 
 import click
-import numpy as np
 import tqdm
 
 from torch_utils import distributed as dist
@@ -22,22 +21,9 @@ from training import cli_checks
 from training.sampling import epsilon_scaling
 from training.evaluation import exposure_bias_metrics as metrics
 from training import run_record
-from training.dataset import DatasetError, ImageFolderDataset
+from training.dataset import DatasetError
 
 #----------------------------------------------------------------------------
-
-def load_training_images(path, net, num):
-    """Up to `num` uint8 images (a seeded subset) and one-hot labels when the network is conditional."""
-    dataset = ImageFolderDataset(path, use_labels=bool(net.label_dim), max_size=num, random_seed=0)
-    if (dataset.resolution, dataset.num_channels) != (net.img_resolution, net.img_channels):
-        raise click.ClickException(f'--data has {dataset.num_channels}x{dataset.resolution}x{dataset.resolution} images, '
-            f'the network {net.img_channels}x{net.img_resolution}x{net.img_resolution}')
-    if net.label_dim and dataset.label_dim != net.label_dim:
-        raise click.ClickException(f'--data has {dataset.label_dim} classes, the network {net.label_dim}')
-    items = [dataset[i] for i in range(len(dataset))]
-    images = np.stack([image for image, _ in items])
-    labels = np.stack([label for _, label in items]) if net.label_dim else None
-    return images, labels
 
 def generate_command(network, sampler_kwargs, eps_scaler, kappa=0.0):
     args = ['python', 'generate.py', '--outdir=out', '--seeds=0-49999', f'--network={network}', f'--steps={sampler_kwargs["num_steps"]}']
@@ -95,7 +81,7 @@ def main(network_pkl, data, outdir, num, num_steps, solver, discretization, sche
         run_record.check_outdir(outdir)
         epsilon_scaling.check_eps_scaler(eps_scaler, kappa, num_steps)
         net = checkpoint.load_network(network_pkl).to(device)
-        images, labels = load_training_images(data, net, num)
+        images, labels = metrics.load_training_images(data, net, num)
     except (ValueError, checkpoint.CheckpointError, DatasetError) as e:
         raise click.ClickException(str(e))
     sampler_kwargs = dict(num_steps=num_steps, solver=solver, discretization=discretization, schedule=schedule, scaling=scaling)

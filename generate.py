@@ -8,23 +8,19 @@ of a dataset (--optimal_denoiser), named presets (--preset) and .npz output for 
 (--npz). Run as `python generate.py ...` or `torchrun --nproc_per_node=N generate.py ...`.
 """
 
-import os
-
 import click
 import tqdm
 
+import dnnlib
 from torch_utils import distributed as dist
 from training import checkpoint
 from training import cli_checks
 from training import dataset
-from training.guidance import discriminator_guidance as dg_lib
-from training.sampling import epsilon_scaling
-from training.sampling import generation
-from training.evaluation import exposure_bias_metrics as metrics
-from training.sampling import presets
 from training import run_record
-from training.sampling import sampler as sampler_lib
-from training.sampling import time_shift as time_shift_lib
+from training.guidance import discriminator_guidance as dg_lib
+from training.sampling import generation
+from training.sampling import generation_setup
+from training.sampling import presets
 
 #----------------------------------------------------------------------------
 
@@ -101,10 +97,7 @@ def list_presets(ctx, _param, value):
 @click.option('--list-presets',            help='Print the presets and exit', is_flag=True, expose_value=False, is_eager=True, callback=list_presets)
 
 @click.pass_context
-def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device, resume, npz, grid, no_grid,
-    eps_scaler, kappa, do_time_shift, cutoff, window, ts_rule, discriminator_ckpt, pretrained_classifier_ckpt,
-    dg_weight_1st_order, dg_weight_2nd_order, time_min, time_max, boosting, cond, optimal_denoiser, dataset_path, molrg_path, preset,
-    **sampler_kwargs):
+def main(ctx, **opts):
     """Generate random images with EDM's samplers and exposure-bias corrections.
 
     Examples:
@@ -146,164 +139,92 @@ def main(ctx, network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, de
     python generate.py --outdir=out --seeds=0-63 --molrg=datasets/MoLRG_dataset_resolution4_classnum2_perclassdim7_sample350.pt
     """
     # A preset fills in whatever was not given on the command line.
-    if preset is not None:
-        values = presets.PRESETS[preset]
-        given = lambda name: ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
-        network_pkl = network_pkl if given('network_pkl') else values.network
-        eps_scaler = eps_scaler if given('eps_scaler') else values.eps_scaler
-        sampler_kwargs['num_steps'] = sampler_kwargs['num_steps'] if given('num_steps') else values.steps
-        if values.solver == 'euler' and not given('solver'):
-            sampler_kwargs['solver'] = 'euler'
+    given = [name for name in opts if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    opts = dnnlib.EasyDict(presets.apply_preset(opts['preset'], opts, given))
 
     # Bad input is answered before anything is loaded or written (training/cli_checks.py).
-    cli_checks.output_folder(outdir)
-    cli_checks.device_available(device)
-    for name, value in [('--eps_scaler', eps_scaler), ('--kappa', kappa), ('--S_noise', sampler_kwargs['S_noise']),
-            ('--dg_weight_1st_order', dg_weight_1st_order), ('--dg_weight_2nd_order', dg_weight_2nd_order)]:
-        cli_checks.finite(value, name)
-    cli_checks.ordered(sampler_kwargs['sigma_min'], sampler_kwargs['sigma_max'], '--sigma_min', '--sigma_max')
-    cli_checks.ordered(sampler_kwargs['S_min'], sampler_kwargs['S_max'], '--S_min', '--S_max')
-    cli_checks.expect_kind(network_pkl, '--network', cli_checks.NETWORK_KINDS)
-    for name, value in [('--discriminator_ckpt', discriminator_ckpt), ('--pretrained_classifier_ckpt', pretrained_classifier_ckpt), ('--molrg', molrg_path)]:
-        cli_checks.expect_kind(value, name, cli_checks.STATE_DICT_KINDS)
-    seeds = cli_checks.unique_seeds(seeds)
-
-    dg_weight_1st_order = check_guidance_flags(discriminator_ckpt, pretrained_classifier_ckpt, dg_weight_1st_order, dg_weight_2nd_order,
-        time_min, time_max, boosting, cond)
-    if boosting and do_time_shift:
-        raise click.ClickException('--boosting adds churn per sample, which --do_time_shift does not support; use one of them')
-    if npz and (subdirs or grid):
-        raise click.ClickException('--npz writes samples_*.npz files; --subdirs and --grid work with PNG output only')
-    if grid is not None and no_grid:
-        raise click.ClickException('--grid=PNG and --no-grid contradict each other; give one')
+    check_values(opts)
+    opts.seeds = cli_checks.unique_seeds(opts.seeds)
+    opts.dg_weight_1st_order = check_guidance_flags(opts)
+    check_combinations(opts)
     try:
-        run_record.check_outdir(outdir)
+        run_record.check_outdir(opts.outdir)
+        grid_path = generation.grid_path(opts.outdir, opts.grid, len(opts.seeds), write_default=not (opts.no_grid or opts.npz))
     except ValueError as e:
         raise click.ClickException(str(e))
-    grid_path = grid if grid is not None else (None if no_grid or npz or len(seeds) > 256 else run_record.beside(outdir, '-grid.png'))
-    grid_folder, image_folder = os.path.dirname(os.path.abspath(grid_path or '.')), os.path.abspath(outdir)
-    if grid_path is not None and (grid_folder == image_folder or grid_folder.startswith(image_folder + os.sep)):
-        raise click.ClickException(f'--grid={grid} is inside --outdir, which must hold the images only; put the grid beside it')
 
-    device = dist.init(device)
+    device = dist.init(opts.device)
     rank, world_size = dist.get_rank(), dist.get_world_size()
 
-    # Load the network: downloads once per machine, then every rank loads (and reads --dataset) in parallel.
-    dist.download_first_on_rank0(network_pkl)
+    # The denoiser and its corrections: downloads once per machine, then every rank loads (and reads --dataset) in parallel.
+    dist.download_first_on_rank0(opts.network_pkl)
     try:
-        net, _source = generation.load_denoiser(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx)
-        if optimal_denoiser and sampler_kwargs.get('solver') is None:
-            sampler_kwargs['solver'] = 'euler' # Zhang et al. take no 2nd order correction with it.
-        guidance = load_guidance(net, discriminator_ckpt, pretrained_classifier_ckpt, cond, time_min, time_max) if discriminator_ckpt else None
+        setup = generation_setup.from_options(opts, device)
+        todo = generation.seeds_to_do(opts.seeds, opts.outdir, opts.subdirs, opts.npz) if opts.resume else opts.seeds
     except (ValueError, checkpoint.CheckpointError, dataset.DatasetError, dg_lib.GuidanceCheckpointError) as e:
         raise click.ClickException(str(e))
-    net = net.to(device)
-    if guidance is not None:
-        guidance.to(device)
-    if class_idx is not None and class_idx >= net.label_dim:
-        raise click.ClickException(f'--class={class_idx} is out of range: the network has {net.label_dim} classes' if net.label_dim
-            else f'--class={class_idx} given, but the network is unconditional')
-
-    # Exposure-bias corrections: checked now, applied per batch.
-    try:
-        epsilon_scaling.check_eps_scaler(eps_scaler, kappa, sampler_kwargs['num_steps'])
-        if do_time_shift:
-            solver = sampler_kwargs.get('solver') or 'heun'
-            discretization = sampler_kwargs.get('discretization') or 'edm'
-            ts_rule = time_shift_lib.choose_rule(ts_rule, solver, discretization, net)
-            dist.print0(f'Time shift: the {ts_rule} rule (--ts_rule={ts_rule}), cutoff {cutoff}, window {window}')
-            time_shift_lib.check_time_shift(ts_rule, cutoff, window, solver, discretization, net)
-            if sampler_kwargs['S_churn'] != 0:
-                raise ValueError('--do_time_shift works with deterministic sampling only; leave --S_churn at 0')
-            sampler_kwargs['time_shift'] = time_shift_lib.TimeShift(time_shift_lib.TrainingGrid.for_network(net),
-                num_steps=sampler_kwargs['num_steps'], cutoff=cutoff, window=window, rule=ts_rule)
-    except ValueError as e:
-        raise click.ClickException(str(e))
-
-    corrections = generation.Corrections(eps_scaler=eps_scaler, kappa=kappa, guidance=guidance, guidance_cond=bool(cond),
-        dg_weight_1st_order=dg_weight_1st_order, dg_weight_2nd_order=dg_weight_2nd_order, boosting=bool(boosting))
-
-    # Seeds still to do.
-    todo = seeds
-    if resume and npz:
-        try:
-            done = generation.seeds_in_npz_files(outdir)
-        except ValueError as e:
-            raise click.ClickException(str(e))
-        todo = [seed for seed in seeds if seed not in done]
-    elif resume:
-        todo = [seed for seed in seeds if not cli_checks.image_decodes(generation.image_path(outdir, seed, subdirs))]
-    if resume:
-        dist.print0(f'Resuming: {len(seeds) - len(todo)} of {len(seeds)} images already exist')
+    if opts.resume:
+        dist.print0(f'Resuming: {len(opts.seeds) - len(todo)} of {len(opts.seeds)} images already exist')
         dist.barrier() # Every rank must see the same files, so no rank may write before all have looked.
 
     # What changes the images, beside the folder (it holds the images only).
     if rank == 0:
-        run_record.write_settings(run_record.beside(outdir, '-settings.json'), generation_settings(
-            net, _source, network_pkl, molrg_path, optimal_denoiser, dataset_path, preset, seeds, subdirs, class_idx, npz, max_batch_size, device,
-            sampler_kwargs, eps_scaler, kappa, do_time_shift and dict(rule=ts_rule, cutoff=cutoff, window=window),
-            discriminator_ckpt and dict(discriminator_ckpt=run_record.file_record(discriminator_ckpt),
-                pretrained_classifier_ckpt=run_record.file_record(pretrained_classifier_ckpt), dg_weight_1st_order=dg_weight_1st_order,
-                dg_weight_2nd_order=dg_weight_2nd_order, time_min=time_min, time_max=time_max, boosting=boosting, cond=cond)))
+        run_record.write_settings(run_record.beside(opts.outdir, '-settings.json'), generation_setup.settings_record(setup, opts, device))
 
     # Generate and save.
-    dist.print0(f'Generating {len(todo)} images to "{outdir}"...')
-    batches = generation.generate_images(net, todo, max_batch_size=max_batch_size, class_idx=class_idx, device=device,
-        sampler_kwargs=sampler_kwargs, corrections=corrections, rank=rank, world_size=world_size)
-    num_batches = len(generation.rank_batches(todo, max_batch_size, rank, world_size))
+    dist.print0(f'Generating {len(todo)} images to "{opts.outdir}"...')
+    batches = generation.generate_images(setup.net, todo, max_batch_size=opts.max_batch_size, class_idx=opts.class_idx, device=device,
+        sampler_kwargs=setup.sampler_kwargs, corrections=setup.corrections, rank=rank, world_size=world_size)
+    num_batches = len(generation.rank_batches(todo, opts.max_batch_size, rank, world_size))
     for batch in tqdm.tqdm(batches, total=num_batches, unit='batch', disable=(rank != 0)):
-        if npz:
-            generation.save_npz(generation.npz_path(outdir, batch.seeds), batch.images, batch.labels, net.label_dim, seeds=batch.seeds)
-            continue
-        for seed, image in zip(batch.seeds, batch.images):
-            generation.save_image(generation.image_path(outdir, seed, subdirs), image)
+        generation.save_batch(batch, opts.outdir, opts.subdirs, opts.npz, setup.net.label_dim)
 
     dist.barrier()
     if grid_path is not None and rank == 0:
-        images = [generation.load_image(generation.image_path(outdir, seed, subdirs)) for seed in seeds[:256]]
-        generation.save_image_grid(grid_path, images)
+        generation.save_grid(grid_path, opts.outdir, opts.seeds, opts.subdirs)
         dist.print0(f'Wrote the grid to "{grid_path}"')
     dist.print0('Done.')
     dist.shutdown()
 
 #----------------------------------------------------------------------------
+# Flag checks: each refuses bad input in one line, before anything is loaded.
 
-def generation_settings(net, source, network_pkl, molrg_path, optimal_denoiser, dataset_path, preset, seeds, subdirs, class_idx, npz,
-    max_batch_size, device, sampler_kwargs, eps_scaler, kappa, time_shift, guidance):
-    """Everything that changes the images, as used (preset expanded), for <outdir>-settings.json."""
-    sampler = {k: v for k, v in sampler_kwargs.items() if k != 'time_shift'}
-    sigma_steps = [float(s) for s in metrics.sampler_sigmas(net, sampler).tolist()] # What --sigma_min/--sigma_max/--rho resolve to.
-    sampler['sampler'] = 'generalized (ablation)' if generation.uses_ablation_sampler(sampler) else 'edm'
-    sampler['sigma_steps'] = sigma_steps
-    denoiser = ('optimal denoiser' if optimal_denoiser else 'MoLRG denoiser' if molrg_path else 'network')
-    return dict(tool='generate.py', denoiser=denoiser, denoiser_class=type(net).__name__, network=run_record.file_record(source),
-        network_given=network_pkl, preset=preset, seeds=generation.format_seeds(seeds), num_images=len(seeds), class_idx=class_idx,
-        subdirs=subdirs, npz=npz, batch=max_batch_size, device=str(device), sampler=sampler,
-        eps_scaling=dict(eps_scaler=eps_scaler, kappa=kappa), time_shift=(time_shift or None), discriminator_guidance=(guidance or None))
+def check_values(opts):
+    """Folders, devices, numbers and file kinds, one flag at a time."""
+    cli_checks.output_folder(opts.outdir)
+    cli_checks.device_available(opts.device)
+    for name, value in [('--eps_scaler', opts.eps_scaler), ('--kappa', opts.kappa), ('--S_noise', opts.S_noise),
+            ('--dg_weight_1st_order', opts.dg_weight_1st_order), ('--dg_weight_2nd_order', opts.dg_weight_2nd_order)]:
+        cli_checks.finite(value, name)
+    cli_checks.ordered(opts.sigma_min, opts.sigma_max, '--sigma_min', '--sigma_max')
+    cli_checks.ordered(opts.S_min, opts.S_max, '--S_min', '--S_max')
+    cli_checks.expect_kind(opts.network_pkl, '--network', cli_checks.NETWORK_KINDS)
+    for name, value in [('--discriminator_ckpt', opts.discriminator_ckpt), ('--pretrained_classifier_ckpt', opts.pretrained_classifier_ckpt), ('--molrg', opts.molrg_path)]:
+        cli_checks.expect_kind(value, name, cli_checks.STATE_DICT_KINDS)
 
-def check_guidance_flags(discriminator_ckpt, classifier_ckpt, weight_1st, weight_2nd, time_min, time_max, boosting, cond):
+def check_guidance_flags(opts):
     """Refuse inconsistent discriminator-guidance flags; returns the 1st-order weight to use."""
-    if discriminator_ckpt is None:
-        if weight_1st or weight_2nd:
+    if opts.discriminator_ckpt is None:
+        if opts.dg_weight_1st_order or opts.dg_weight_2nd_order:
             raise click.ClickException('--dg_weight_1st_order/--dg_weight_2nd_order need --discriminator_ckpt=PT and --pretrained_classifier_ckpt=PT')
-        for name, value in [('--pretrained_classifier_ckpt', classifier_ckpt), ('--boosting', boosting), ('--cond', cond)]:
+        for name, value in [('--pretrained_classifier_ckpt', opts.pretrained_classifier_ckpt), ('--boosting', opts.boosting), ('--cond', opts.cond)]:
             if value:
                 raise click.ClickException(f'{name} is for discriminator guidance; add --discriminator_ckpt=PT')
         return 0.0
-    if classifier_ckpt is None:
+    if opts.pretrained_classifier_ckpt is None:
         raise click.ClickException('--discriminator_ckpt needs --pretrained_classifier_ckpt=PT, the ADM classifier whose features it reads')
-    if time_min > time_max:
-        raise click.ClickException(f'--time_min={time_min} is above --time_max={time_max}; guidance would never apply')
-    return 1.67 if weight_1st is None else weight_1st # SEDM-G++'s CIFAR-10 weight.
+    if opts.time_min > opts.time_max:
+        raise click.ClickException(f'--time_min={opts.time_min} is above --time_max={opts.time_max}; guidance would never apply')
+    return 1.67 if opts.dg_weight_1st_order is None else opts.dg_weight_1st_order # SEDM-G++'s CIFAR-10 weight.
 
-def load_guidance(net, discriminator_ckpt, classifier_ckpt, cond, time_min, time_max):
-    """The discriminator guidance of the two state dicts, checked against the network."""
-    if cond and not net.label_dim:
-        raise click.ClickException('--cond=1 needs a class-conditional network, but this one is unconditional')
-    dist.print0(f'Loading classifier from "{classifier_ckpt}" and discriminator from "{discriminator_ckpt}"...')
-    classifier = dg_lib.load_classifier(classifier_ckpt, net.img_resolution, net.img_channels)
-    discriminator = dg_lib.load_discriminator(discriminator_ckpt, classifier, cond)
-    return dg_lib.DiscriminatorGuidance(classifier, discriminator, net.img_resolution, time_min=time_min, time_max=time_max)
+def check_combinations(opts):
+    """Flags that each work, but not together."""
+    if opts.boosting and opts.do_time_shift:
+        raise click.ClickException('--boosting adds churn per sample, which --do_time_shift does not support; use one of them')
+    if opts.npz and (opts.subdirs or opts.grid):
+        raise click.ClickException('--npz writes samples_*.npz files; --subdirs and --grid work with PNG output only')
+    if opts.grid is not None and opts.no_grid:
+        raise click.ClickException('--grid=PNG and --no-grid contradict each other; give one')
 
 #----------------------------------------------------------------------------
 

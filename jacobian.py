@@ -76,9 +76,10 @@ def main(network_pkl, molrg_path, optimal_denoiser, dataset_path, class_idx, see
         raise click.ClickException(str(e))
     net = net.to(device).eval()
     print(f'Denoiser: {type(net).__module__}.{type(net).__name__}' + (f' around {type(net.model).__name__}' if hasattr(net, 'model') else ''))
-    if class_idx is not None and class_idx >= net.label_dim:
-        raise click.ClickException(f'--class={class_idx} is out of range: the network has {net.label_dim} classes' if net.label_dim
-            else f'--class={class_idx} given, but the network is unconditional')
+    try:
+        generation.check_class(net, class_idx)
+    except ValueError as e:
+        raise click.ClickException(str(e))
 
     # The trajectory of this seed in generate.py: same latents, same label.
     rnd = sampler_lib.StackedRandomGenerator(device, [seed])

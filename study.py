@@ -12,12 +12,12 @@ import time
 import click
 import torch
 
-from eps_norm import load_training_images
 from torch_utils import distributed as dist
 from training import cli_checks
 from training import bundled
 from training import checkpoint
 from training.studies import exposure_bias_study
+from training.evaluation import exposure_bias_metrics as metrics
 from training.evaluation import feature_detectors
 from training.evaluation import frechet
 from training import run_record
@@ -85,7 +85,7 @@ def main(outdir, restart, network_pkl, data, ref_path, detector_path, num_images
     dist.download_first_on_rank0(network_pkl, ref_path, detector_path) # Once per machine; then every rank loads in parallel.
     try:
         net = checkpoint.load_network(network_pkl).to(device).eval()
-        images, labels = load_training_images(data, net, max(num_images, num_calibration))
+        images, labels = metrics.load_training_images(data, net, max(num_images, num_calibration))
         ref_mu, ref_sigma, recorded = frechet.load_stats(ref_path, with_detector=True)
         detector_path = detector_path or feature_detectors.default_detector(recorded)
         print(f'Using detector {detector_path}')

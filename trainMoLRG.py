@@ -8,14 +8,19 @@ everything train.py does (resume, torchrun, CDM, snapshots NVIDIA EDM loads) wor
 import os
 
 import click
+import torch
 
-import train
+import dnnlib
 from torch_utils import distributed as dist
+from training import cli_checks
 from training import molrg
 from training import run_record
-from training import cli_checks
+from training import training_options
 
 #----------------------------------------------------------------------------
+
+# train.py's options that this command does not offer, at train.py's defaults (tests/test_thin_cli.py checks them).
+TRAIN_DEFAULTS = dict(xflip=False, cache=True, S_churn=10.0, S_min=0.01, S_max=1.0, S_noise=1.007)
 
 @click.command(context_settings=dict(show_default=True, max_content_width=120))
 
@@ -39,7 +44,7 @@ from training import cli_checks
 @click.option('--batch',            help='Total batch size', metavar='INT',                        type=click.IntRange(min=1), default=512)
 @click.option('--batch-gpu',        help='Limit batch size per GPU', metavar='INT',                type=click.IntRange(min=1))
 @click.option('--cbase',            help='Channel multiplier; overrides --embed_channels', metavar='INT', type=click.IntRange(min=1))
-@click.option('--cres',             help='Channels per resolution  [default: 2,2,2]', metavar='LIST', type=train.parse_int_list)
+@click.option('--cres',             help='Channels per resolution  [default: 2,2,2]', metavar='LIST', type=cli_checks.parse_int_list)
 @click.option('--lr',               help='Learning rate', metavar='FLOAT',                         type=click.FloatRange(min=0, min_open=True), default=10e-4)
 @click.option('--lr_rampup',        help='Learning rate ramp-up length', metavar='KIMG',           type=click.FloatRange(min=0), default=10000)
 @click.option('--optimizer',        help='Optimizer', metavar='adam|sgd',                          type=click.Choice(['adam', 'sgd']), default='adam')
@@ -67,8 +72,7 @@ from training import cli_checks
 @click.option('--resume',           help='Resume from previous training state', metavar='PT',      type=str)
 @click.option('-n', '--dry-run',    help='Print training options and exit (the dataset is still generated)', is_flag=True)
 
-@click.pass_context
-def main(ctx, path, img_res, class_num, per_class_dim, sample_per_class, data_seed, outdir, embed_channels, cbase, **train_kwargs):
+def main(path, img_res, class_num, per_class_dim, sample_per_class, data_seed, outdir, embed_channels, cbase, **train_kwargs):
     """Train a diffusion model on a mixture of low-rank Gaussians: class k's samples are
     U_k a with a ~ N(0, I) and U_k an orthonormal basis of per_class_dim columns in the
     3*img_res*img_res dimensional image space (Wang et al., "Diffusion models learn
@@ -102,7 +106,7 @@ def main(ctx, path, img_res, class_num, per_class_dim, sample_per_class, data_se
         run_record.check_outdir(outdir) # The authors' command says --outdir training, which would write into the package.
     except ValueError as e:
         raise click.ClickException(str(e))
-    dist.init(train_kwargs['device'])
+    device = dist.init(train_kwargs['device'])
     data = os.path.join(path, molrg.dataset_filename(img_res, class_num, per_class_dim, sample_per_class))
 
     # Rank 0 writes the dataset; every rank learns whether that worked (no rank waits on a failed one).
@@ -117,8 +121,17 @@ def main(ctx, path, img_res, class_num, per_class_dim, sample_per_class, data_se
     if error is not None:
         raise click.ClickException(error)
 
-    run_root = os.path.join(outdir, os.path.splitext(os.path.basename(data))[0])
-    ctx.invoke(train.main, outdir=run_root, data=data, cbase=(cbase if cbase is not None else embed_channels), **train_kwargs)
+    # Then train as train.py would with these options.
+    opts = dnnlib.EasyDict(TRAIN_DEFAULTS, **train_kwargs, outdir=os.path.join(outdir, os.path.splitext(os.path.basename(data))[0]), data=data,
+        cbase=(cbase if cbase is not None else embed_channels))
+    cli_checks.output_folder(opts.outdir)
+    cli_checks.expect_kind(opts.transfer, '--transfer', cli_checks.NETWORK_KINDS)
+    if device.type == 'cuda':
+        torch.multiprocessing.set_start_method('spawn', force=True) # DataLoader workers must not inherit CUDA state.
+    try:
+        training_options.run(opts, device)
+    except training_options.OptionsError as e:
+        raise click.ClickException(str(e))
 
 #----------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ partial file, and never ends in a traceback.
 
 import math
 import os
+import re
 import zipfile
 
 import click
@@ -76,6 +77,19 @@ def unique_seeds(seeds, option='--seeds'):
         click.echo(f'Warning: {option} lists {len(seeds) - len(unique)} seed(s) more than once; each is generated once', err=True)
     return unique
 
+def parse_int_list(s):
+    """A click type: '1,2,2' or '1-3' -> a list of integers (train.py's --cres)."""
+    if isinstance(s, list):
+        return s
+    try:
+        values = []
+        for part in s.split(','):
+            m = re.fullmatch(r'(\d+)-(\d+)', part)
+            values.extend(range(int(m.group(1)), int(m.group(2)) + 1) if m else [int(part)])
+        return values
+    except ValueError:
+        raise click.BadParameter(f'"{s}" is not a list of integers like 1,2,2')
+
 def seed_list_size(spec):
     """How many seeds '1,2,5-10' stands for, counted without expanding the ranges."""
     count = 0
@@ -115,19 +129,6 @@ def memory_fits(num_bytes, what, hint='', device=None):
 
 #----------------------------------------------------------------------------
 # Input files: what kind a file is, from its first bytes.
-
-def image_decodes(path):
-    """Does `path` hold a complete image? (--resume regenerates the ones that do not.)"""
-    if not os.path.isfile(path):
-        return False
-    try:
-        import PIL.Image
-        with PIL.Image.open(path) as image:
-            image.load()
-        return True
-    except Exception: # PIL's errors for truncated or foreign bytes vary (OSError, SyntaxError, ValueError).
-        return False
-
 
 def file_kind(path):
     """'missing', 'folder', 'empty file', 'npz file', 'TorchScript archive', 'torch.save file',

@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import random
+import re
 import time
 import warnings
 
@@ -84,6 +85,49 @@ def fingerprint_differences(saved, current, prefix=''):
         elif a != b:
             differences.append(f'{prefix}{key}: {a!r} in the state, {b!r} now')
     return differences
+
+class ResumeError(Exception):
+    """A --resume state that cannot continue this run; the message is one line meant for the user."""
+
+class TrainingFinished(Exception):
+    """A --resume state that already reached the training duration: nothing to train, nothing to write."""
+
+def resume_options(path, config, interface_kwargs):
+    """The training_loop() keywords that continue the run of training state `path`: resume_state_dump,
+    and for NVIDIA EDM's states also resume_pkl and resume_kimg (its EMA lives in the snapshot of
+    the same kimg).
+
+    config -- the training_loop() keywords of this run; one of our states must have been written
+    with the same network, loss, data and batch (training_state_fingerprint). ResumeError says why a
+    state cannot be resumed, TrainingFinished that it already reached config.total_kimg.
+    """
+    match = re.fullmatch(r'training-state-(\d+)(?:\.\d{3})?\.pt', os.path.basename(path)) # .NNN: snapshots under 1 kimg apart.
+    if not match or not os.path.isfile(path):
+        raise ResumeError(f'--resume must point to a training-state-*.pt file of a previous run (got {path})')
+    try:
+        state = read_training_state(path)
+    except Exception as e: # A damaged state fails to unpickle in many ways.
+        raise ResumeError(safety.first_line(e) if isinstance(e, ValueError) else f'Cannot read training state {path} ({type(e).__name__}: {safety.first_line(e)})')
+    saved = state.get('fingerprint') if state.get('format') == STATE_FORMAT else None
+    if isinstance(state.get('cur_nimg'), int) and state['cur_nimg'] >= config.total_kimg * 1000:
+        raise TrainingFinished(f'{path} is a finished run ({state["cur_nimg"] / 1000:g} kimg of --duration={config.total_kimg / 1000:g} Mimg); '
+            'nothing to do (pass a larger --duration to train further)')
+    del state
+    options = dnnlib.EasyDict()
+    if saved is not None:
+        current = training_state_fingerprint(config.network_kwargs, config.loss_kwargs, config.dataset_kwargs, config.get('augment_kwargs'),
+            config.batch_size, interface_kwargs)
+        differences = fingerprint_differences(saved, current)
+        if differences:
+            raise ResumeError(f'--resume {path} was written with another configuration ({"; ".join(differences[:3])}); '
+                'give the same options as the run that wrote it')
+    else:
+        options.resume_pkl = os.path.join(os.path.dirname(path), os.path.basename(path).replace('training-state-', 'network-snapshot-')[:-3] + '.pkl')
+        options.resume_kimg = int(match.group(1))
+        if not os.path.isfile(options.resume_pkl):
+            raise ResumeError(f'--resume: {path} is an NVIDIA EDM training state; its EMA network {options.resume_pkl} is missing')
+    options.resume_state_dump = path
+    return options
 
 def snapshot_name(kind, cur_nimg, interval_nimg, ext):
     """`{kind}-{kimg:06d}{ext}` as EDM names them; when snapshots come less than 1 kimg apart (--tick

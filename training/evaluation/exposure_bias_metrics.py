@@ -34,6 +34,7 @@ import tqdm
 
 import dnnlib
 from torch_utils import misc
+from training import dataset
 from training.sampling import epsilon_scaling
 from training.sampling import generation
 from training.sampling import sampler as sampler_lib
@@ -100,6 +101,20 @@ def consecutive_statistics(net, seeds, sampler_kwargs, eps_scaler=1.0, kappa=0.0
         with torch.no_grad():
             sampler_lib.run_settings(net, latents, labels, randn_like=rnd.randn_like, denoise=denoise, sampler_kwargs=sampler_kwargs)
     return recorder.means()
+
+def load_training_images(path, net, num):
+    """Up to `num` uint8 images of the dataset at `path` (a seeded subset, always the same) and
+    their one-hot labels when the network is conditional; DatasetError when they do not fit `net`."""
+    data = dataset.ImageFolderDataset(path, use_labels=bool(net.label_dim), max_size=num, random_seed=0)
+    if (data.resolution, data.num_channels) != (net.img_resolution, net.img_channels):
+        raise dataset.DatasetError(f'--data has {data.num_channels}x{data.resolution}x{data.resolution} images, '
+            f'the network {net.img_channels}x{net.img_resolution}x{net.img_resolution}')
+    if net.label_dim and data.label_dim != net.label_dim:
+        raise dataset.DatasetError(f'--data has {data.label_dim} classes, the network {net.label_dim}')
+    items = [data[i] for i in range(len(data))]
+    images = np.stack([image for image, _ in items])
+    labels = np.stack([label for _, label in items]) if net.label_dim else None
+    return images, labels
 
 def single_step_statistics(net, images, labels, sigmas, seed=0, batch_size=256, progress=None):
     """Per noise level: mean eps norm on training images noised to it, and mean variance of those inputs.

@@ -21,6 +21,7 @@ from training.sampling import denoisers
 from training.guidance import discriminator_guidance as dg_lib
 from training.sampling import epsilon_scaling
 from training import molrg
+from training import run_record
 from training.sampling import optimal_denoiser as optimal_denoiser_lib
 from training.sampling import sampler as sampler_lib
 
@@ -65,6 +66,15 @@ def rank_batches(seeds, max_batch_size, rank=0, world_size=1):
     num_batches = ((len(seeds) - 1) // (max_batch_size * world_size) + 1) * world_size
     all_batches = torch.as_tensor(seeds).tensor_split(num_batches)
     return [batch for batch in all_batches[rank::world_size] if len(batch) > 0]
+
+def seeds_to_do(seeds, outdir, subdirs=False, npz=False):
+    """The seeds of `seeds`, in their order, whose output is not yet in outdir (for --resume): a PNG
+    that does not decode (a killed write) counts as missing; with `npz`, the seeds recorded in its
+    samples_*.npz files are done. ValueError for an .npz file that cannot be matched to seeds."""
+    if npz:
+        done = seeds_in_npz_files(outdir)
+        return [seed for seed in seeds if seed not in done]
+    return [seed for seed in seeds if not image_decodes(image_path(outdir, seed, subdirs))]
 
 #----------------------------------------------------------------------------
 # What to sample (or measure) with.
@@ -159,6 +169,25 @@ def load_image(path):
     image = np.asarray(PIL.Image.open(path))
     return image[:, :, None] if image.ndim == 2 else image
 
+def image_decodes(path):
+    """Does `path` hold a complete image? (--resume regenerates the ones that do not.)"""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+        return True
+    except Exception: # PIL's errors for truncated or foreign bytes vary (OSError, SyntaxError, ValueError).
+        return False
+
+def save_batch(batch, outdir, subdirs=False, npz=False, label_dim=0):
+    """Write one batch of generate_images(): a PNG per seed, or with `npz` one samples_*.npz file."""
+    if npz:
+        save_npz(npz_path(outdir, batch.seeds), batch.images, batch.labels, label_dim, seeds=batch.seeds)
+        return
+    for seed, image in zip(batch.seeds, batch.images):
+        save_image(image_path(outdir, seed, subdirs), image)
+
 def save_image_grid(path, images, grid_width=None, spacing=None, background=255):
     """Tile N HWC uint8 images into one PNG, grid_width images per row (default: square-ish), with
     `spacing` pixels of `background` between them (default: 1 px below 32 px images, else 2 px)."""
@@ -173,6 +202,22 @@ def save_image_grid(path, images, grid_width=None, spacing=None, background=255)
         top, left = y * (h + pad), x * (w + pad)
         canvas[top:top + h, left:left + w] = images[k]
     save_image(path, canvas)
+
+GRID_SEEDS = 256 # A grid shows at most this many images, the first seeds.
+
+def grid_path(outdir, grid=None, num_seeds=0, write_default=True):
+    """Where the grid goes: `grid` if given, else <outdir>-grid.png beside the image folder when
+    `write_default` and there are at most GRID_SEEDS seeds; None for no grid. ValueError for a grid
+    inside outdir, which must hold the images only."""
+    path = grid if grid is not None else (run_record.beside(outdir, '-grid.png') if write_default and num_seeds <= GRID_SEEDS else None)
+    grid_folder, image_folder = os.path.dirname(os.path.abspath(path or '.')), os.path.abspath(outdir)
+    if path is not None and (grid_folder == image_folder or grid_folder.startswith(image_folder + os.sep)):
+        raise ValueError(f'--grid={grid} is inside --outdir, which must hold the images only; put the grid beside it')
+    return path
+
+def save_grid(path, outdir, seeds, subdirs=False):
+    """Tile the saved images of the first GRID_SEEDS of `seeds` into the PNG at `path`."""
+    save_image_grid(path, [load_image(image_path(outdir, seed, subdirs)) for seed in seeds[:GRID_SEEDS]])
 
 #----------------------------------------------------------------------------
 
@@ -189,6 +234,12 @@ def class_labels_for_seeds(net, rnd, batch_size, class_idx=None, device=None):
         labels[:, :] = 0
         labels[:, class_idx] = 1
     return labels
+
+def check_class(net, class_idx):
+    """ValueError for a --class the network does not have."""
+    if class_idx is not None and class_idx >= net.label_dim:
+        raise ValueError(f'--class={class_idx} is out of range: the network has {net.label_dim} classes' if net.label_dim
+            else f'--class={class_idx} given, but the network is unconditional')
 
 def min_eval_batch(device):
     """Smallest batch the network is evaluated at, so that an image never depends on its batch.

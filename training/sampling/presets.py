@@ -35,6 +35,24 @@ PRESETS = {
     ]
 }
 
+def apply_preset(name, options, given=()):
+    """`options` (generate.py's, by parameter name) with preset `name` filling in every setting it
+    names that is not in `given`, the options set on the command line; a new dict, in the same order.
+
+    A preset names the network, the scaler, the steps and the solver; Heun is the sampler's default,
+    so a Heun preset leaves --solver unset (EDM's sampler, not the ablation sampler's Heun).
+    """
+    options = dict(options)
+    if name is None:
+        return options
+    preset = PRESETS[name]
+    for option, value in [('network_pkl', preset.network), ('eps_scaler', preset.eps_scaler), ('num_steps', preset.steps)]:
+        if option not in given:
+            options[option] = value
+    if preset.solver == 'euler' and 'solver' not in given:
+        options['solver'] = 'euler'
+    return options
+
 def preset_table():
     """The presets as printable lines."""
     lines = [f'{"preset":<36} {"solver":<6} {"steps":>5} {"NFE":>4} {"eps_scaler":>10}   FID EDM -> ES', '-' * 82]

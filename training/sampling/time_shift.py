@@ -32,6 +32,7 @@ to sigma_b rescales x by sqrt((1 + sigma_b^2) / (1 + sigma_a^2)).
 
 import torch
 
+from torch_utils import distributed as dist
 from training.sampling import sampler as sampler_lib
 
 #----------------------------------------------------------------------------
@@ -182,5 +183,20 @@ def check_time_shift(rule, cutoff, window, solver, discretization, net):
         if discretization not in ('vp', 'iddpm') or type(net).__name__ not in ('VPPrecond', 'iDDPMPrecond'):
             raise ValueError('--ts_rule=released needs a network trained on 1000 discrete steps (VP or iDDPM preconditioning) '
                 'and --disc=vp or --disc=iddpm, whose steps are uniform on that grid; use --ts_rule=paper for other discretizations')
+
+#----------------------------------------------------------------------------
+
+def from_options(net, sampler_kwargs, rule='auto', cutoff=300, window=80):
+    """The TimeShift of generate.py's --do_time_shift for `net` sampled with `sampler_kwargs`
+    (--ts_rule=auto resolved, see choose_rule); ValueError with a readable reason for settings it
+    cannot serve."""
+    solver = sampler_kwargs.get('solver') or 'heun'
+    discretization = sampler_kwargs.get('discretization') or 'edm'
+    rule = choose_rule(rule, solver, discretization, net)
+    dist.print0(f'Time shift: the {rule} rule (--ts_rule={rule}), cutoff {cutoff}, window {window}')
+    check_time_shift(rule, cutoff, window, solver, discretization, net)
+    if sampler_kwargs.get('S_churn'):
+        raise ValueError('--do_time_shift works with deterministic sampling only; leave --S_churn at 0')
+    return TimeShift(TrainingGrid.for_network(net), num_steps=sampler_kwargs['num_steps'], cutoff=cutoff, window=window, rule=rule)
 
 #----------------------------------------------------------------------------

@@ -28,12 +28,9 @@ import torch
 import tqdm
 
 import dnnlib
-from training.sampling import epsilon_scaling
 from training.evaluation import exposure_bias_metrics as metrics
 from training.evaluation import fid_uncertainty
-from training.evaluation import frechet
 from training.sampling import generation
-from training.sampling import sampler as sampler_lib
 from training.sampling import time_shift as time_shift_lib
 
 #----------------------------------------------------------------------------
