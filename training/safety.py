@@ -14,7 +14,6 @@ states (torch.load(weights_only=True) with the RNG-state types allowed), TorchSc
 torch state dicts (weights_only=True).
 """
 
-import io
 import json
 import os
 import pickle
