@@ -7,7 +7,6 @@ generate.py. Run as `python train.py ...` or `torchrun --nproc_per_node=N train.
 import warnings
 
 import click
-import torch
 
 import dnnlib
 from torch_utils import distributed as dist
@@ -105,8 +104,6 @@ def main(**kwargs):
     cli_checks.device_available(opts.device)
     cli_checks.expect_kind(opts.transfer, '--transfer', cli_checks.NETWORK_KINDS)
     device = dist.init(opts.device)
-    if device.type == 'cuda':
-        torch.multiprocessing.set_start_method('spawn', force=True) # DataLoader workers must not inherit CUDA state.
 
     try:
         training_options.run(opts, device)

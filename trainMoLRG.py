@@ -8,7 +8,6 @@ everything train.py does (resume, torchrun, CDM, snapshots NVIDIA EDM loads) wor
 import os
 
 import click
-import torch
 
 import dnnlib
 from torch_utils import distributed as dist
@@ -126,8 +125,6 @@ def main(path, img_res, class_num, per_class_dim, sample_per_class, data_seed, o
         cbase=(cbase if cbase is not None else embed_channels))
     cli_checks.output_folder(opts.outdir)
     cli_checks.expect_kind(opts.transfer, '--transfer', cli_checks.NETWORK_KINDS)
-    if device.type == 'cuda':
-        torch.multiprocessing.set_start_method('spawn', force=True) # DataLoader workers must not inherit CUDA state.
     try:
         training_options.run(opts, device)
     except training_options.OptionsError as e:

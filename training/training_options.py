@@ -165,6 +165,8 @@ def run(opts, device):
     """Train with train.py's options `opts` on `device` (dist.init's): print the options, and unless
     opts.dry_run, create the run folder and train. Nothing is written before every option is
     checked; OptionsError says what is wrong with them."""
+    if device.type == 'cuda':
+        torch.multiprocessing.set_start_method('spawn', force=True) # DataLoader workers must not inherit CUDA state.
     try:
         c = build_config(opts, device)
     except (dataset.DatasetError, checkpoint.CheckpointError, training_loop.ResumeError) as e:
