@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.timing import median_seconds
-import dataset_tool
+from training import dataset_conversion
 from training.dataset import ImageFolderDataset, iterate_image_batches
 
 #----------------------------------------------------------------------------
@@ -45,7 +45,7 @@ def main(num, repeats, workers):
         source = os.path.join(tmp, 'cifar-10-python.tar.gz')
         dest = os.path.join(tmp, 'cifar10-32x32.zip')
         write_synthetic_cifar10(source, num)
-        t = median_seconds(lambda: dataset_tool.convert_dataset(source, dest, progress=False), repeats)
+        t = median_seconds(lambda: dataset_conversion.convert_dataset(source, dest, progress=False), repeats)
         print(f'dataset_tool.py, CIFAR-10 tar.gz -> zip:      {num / t:8.0f} img/s  ({t:.2f} s for {num})')
 
         def read_in_process():

@@ -291,3 +291,24 @@ def test_the_script_prints_one_error_line_without_traceback(tmp_path):
     assert not (tmp_path / 'out.zip').exists()
 
 #----------------------------------------------------------------------------
+
+#----------------------------------------------------------------------------
+# The conversion is a library (training/dataset_conversion.py) that scripts call without click.
+
+def test_the_library_writes_what_the_cli_writes(tmp_path):
+    from training.dataset_conversion import convert_dataset
+    images = random_images(7, 8, 8, 3, seed=3)
+    source = write_folder(tmp_path / 'src', {f'a/{i}.png': image for i, image in enumerate(images)})
+    convert_dataset(source, str(tmp_path / 'lib.zip'), progress=False)
+    assert run_tool('--source', source, '--dest', tmp_path / 'cli.zip').exit_code == 0
+    _, lib_images, _ = read_all(tmp_path / 'lib.zip')
+    _, cli_images, _ = read_all(tmp_path / 'cli.zip')
+    np.testing.assert_array_equal(lib_images, cli_images)
+    np.testing.assert_array_equal(lib_images, images.transpose(0, 3, 1, 2))
+
+def test_the_library_raises_a_dataset_error_not_a_click_one(tmp_path):
+    from training.dataset import DatasetError
+    from training.dataset_conversion import convert_dataset
+    with pytest.raises(DatasetError, match='not found'):
+        convert_dataset(str(tmp_path / 'nowhere'), str(tmp_path / 'out.zip'), progress=False)
+    assert not os.path.exists(tmp_path / 'out.zip')
