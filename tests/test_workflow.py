@@ -49,6 +49,15 @@ def test_generate_settings_name_every_value_that_changes_the_images(tmp_path):
     assert settings['time_shift'] is None and settings['discriminator_guidance'] is None
     assert 'code_version' in settings
 
+def test_records_name_the_checkouts_own_files_relative_to_it(tmp_path, monkeypatch):
+    # A record committed from one checkout must not name another's folders (the bundled defaults are absolute paths).
+    assert run_record.file_record(bundled.NETWORK)['path'] == 'bundled/edm-digits-16x16.pkl'
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'net.pkl').write_bytes(b'x')
+    assert run_record.file_record('net.pkl') == dict(path='net.pkl', sha256=run_record.sha256('net.pkl')) # Elsewhere: as given.
+    assert run_record.file_record(str(tmp_path / 'net.pkl'))['path'] == str(tmp_path / 'net.pkl')
+    assert run_record.file_record('https://example.org/a.pkl') == dict(path='https://example.org/a.pkl', sha256=None)
+
 def test_time_shift_with_its_defaults_runs_on_the_bundled_network(tmp_path):
     result = invoke_ok(generate.main, [f'--outdir={tmp_path / "out"}', '--seeds=0-1', '--steps=6', '--do_time_shift', '--device=cpu'])
     assert 'the paper rule' in result.output # EDM's Heun sampler on an EDM network: the released rule does not apply.

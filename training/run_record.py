@@ -55,11 +55,21 @@ def sha256(path, chunk_size=1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 
+def recorded_path(path):
+    """`path` as a record should hold it: relative to this checkout for its own files (the bundled
+    defaults), so that records committed from one checkout do not name another's folders; as given otherwise."""
+    path = str(path)
+    if '://' in path:
+        return path
+    absolute = os.path.realpath(path)
+    root = os.path.realpath(REPO_ROOT)
+    return os.path.relpath(absolute, root) if absolute.startswith(root + os.sep) else path
+
 def file_record(path):
     """{path, sha256} of an input; sha256 is None for a URL or a folder (a folder's files are not hashed)."""
     if path is None:
         return None
-    return dict(path=str(path), sha256=(sha256(path) if os.path.isfile(path) else None))
+    return dict(path=recorded_path(path), sha256=(sha256(path) if os.path.isfile(path) else None))
 
 #----------------------------------------------------------------------------
 
